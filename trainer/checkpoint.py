@@ -1,0 +1,168 @@
+"""Checkpoints: one safetensors file holding model, optimizer, scheduler and RNG state.
+
+Layout of a checkpoint file (safetensors, so nothing is ever unpickled):
+
+- tensors ``model.<name>``: the *unwrapped* model's state dict (no ``module.`` prefix);
+- tensors ``optim.<param index>.<key>``: per-parameter optimizer state (e.g. Adam moments);
+- tensors ``rng.<name>``: generator states (uint8), for an exact ``--resume``;
+- metadata (all strings): ``format_version``, ``kind`` ("sat-checkpoint"), ``arch`` (JSON:
+  how to rebuild the model), ``epoch`` (completed epochs), ``config`` (JSON), ``optim``
+  (JSON: param groups and non-tensor state), ``sched`` (JSON), ``extra`` (JSON).
+
+Files are written to a temporary name in the same directory and ``os.replace``d into place,
+so a killed writer leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from saliency_cache.errors import SatError
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint. ``model_state`` holds CPU tensors."""
+
+    arch: dict[str, Any]
+    model_state: dict[str, torch.Tensor]
+    epoch: int = 0
+    config: dict[str, Any] = field(default_factory=dict)
+    optim_state: dict[str, Any] | None = None
+    sched_state: dict[str, Any] | None = None
+    rng: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _optim_to_flat(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optim_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = value
+    for idx, kv in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(kv)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> str:
+    """Write ``ckpt`` atomically to ``path``; return the file's sha256."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in ckpt.model_state.items()}
+    meta: dict[str, str] = {
+        "kind": "sat-checkpoint",
+        "format_version": str(FORMAT_VERSION),
+        "arch": json.dumps(ckpt.arch, sort_keys=True),
+        "epoch": str(ckpt.epoch),
+        "config": json.dumps(ckpt.config, sort_keys=True, default=str),
+        "extra": json.dumps(ckpt.extra, sort_keys=True, default=str),
+    }
+    if ckpt.optim_state is not None:
+        opt_tensors, opt_meta = _optim_to_flat(ckpt.optim_state)
+        tensors.update(opt_tensors)
+        meta["optim"] = json.dumps(opt_meta)
+    if ckpt.sched_state is not None:
+        meta["sched"] = json.dumps(ckpt.sched_state)
+    for name, state in ckpt.rng.items():
+        tensors[f"rng.{name}"] = state.detach().cpu().contiguous()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return file_sha256(path)
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint`. Bad files raise :class:`SatError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise SatError(f"checkpoint not found: {path}")
+    try:
+        tensors = load_file(str(path), device="cpu")
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise SatError(f"checkpoint {path} is truncated or corrupt ({e})") from None
+    if meta.get("kind") != "sat-checkpoint":
+        raise SatError(f"{path} is not a sat checkpoint (metadata kind={meta.get('kind')!r})")
+    version = int(meta.get("format_version", -1))
+    if version != FORMAT_VERSION:
+        raise SatError(
+            f"checkpoint {path} has format_version {version}, this tool reads {FORMAT_VERSION}"
+        )
+    model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    optim_tensors = {k: v for k, v in tensors.items() if k.startswith("optim.")}
+    rng = {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}
+    optim_state = (
+        _optim_from_flat(optim_tensors, json.loads(meta["optim"])) if "optim" in meta else None
+    )
+    return Checkpoint(
+        arch=json.loads(meta["arch"]),
+        model_state=model_state,
+        epoch=int(meta.get("epoch", 0)),
+        config=json.loads(meta.get("config", "{}")),
+        optim_state=optim_state,
+        sched_state=json.loads(meta["sched"]) if "sched" in meta else None,
+        rng=rng,
+        extra=json.loads(meta.get("extra", "{}")),
+    )
+
+
+def load_model(path: str | Path, device: torch.device | str) -> tuple[torch.nn.Module, Checkpoint]:
+    """Rebuild the model recorded in a checkpoint and load its weights (eval mode, on ``device``)."""
+    from trainer.models import create_model
+
+    ckpt = load_checkpoint(path)
+    arch = dict(ckpt.arch)
+    name = arch.pop("name")
+    num_classes = arch.pop("num_classes")
+    model = create_model(name, num_classes, **arch)
+    try:
+        model.load_state_dict(ckpt.model_state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise SatError(f"checkpoint {path} does not fit its recorded architecture: {first}") from None
+    return model.to(device).eval(), ckpt
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DDP / DataParallel wrapper (checkpoints store the unwrapped model)."""
+    return model.module if hasattr(model, "module") else model
