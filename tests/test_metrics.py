@@ -1,0 +1,95 @@
+"""Accuracy and Etmann et al.'s alignment, checked against hand computations."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from saliency_cache.errors import SatError
+from trainer.metrics import accuracy, alignment, mean_alignment
+
+
+class Linear(nn.Module):
+    """Φ(x) = W·flatten(x) + b: the true-logit gradient of sample i is W[y_i]."""
+
+    def __init__(self, w, b):
+        super().__init__()
+        self.w, self.b = nn.Parameter(w), nn.Parameter(b)
+
+    def forward(self, x):
+        return x.flatten(1) @ self.w.T + self.b
+
+
+def linear_case(seed=0, b=6):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(3, 2 * 4 * 4, generator=g)
+    net = Linear(w, torch.randn(3, generator=g))
+    x = torch.rand(b, 2, 4, 4, generator=g)
+    y = torch.randint(0, 3, (b,), generator=g)
+    return net, x, y, w
+
+
+def test_accuracy():
+    logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [5.0, -1.0], [0.1, 0.2]])
+    assert accuracy(logits, torch.tensor([0, 1, 1, 0])) == pytest.approx(0.5)
+    assert accuracy(logits, torch.tensor([0, 1, 0, 1])) == 1.0
+    with pytest.raises(SatError, match=r"\(3,\)"):
+        accuracy(logits, torch.tensor([0, 1, 0]))
+    with pytest.raises(SatError, match="empty"):
+        accuracy(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long))
+
+
+def test_alignment_of_a_linear_model_is_projection_on_the_weight_row():
+    net, x, y, w = linear_case()
+    got = alignment(net, x, y)
+    rows = w[y].double()
+    expected = ((x.flatten(1).double() * rows).sum(1).abs() / rows.norm(dim=1)).float()
+    assert got.shape == (6,) and got.dtype == x.dtype
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6)
+    # The bias does not matter, and neither does the scale of the weights.
+    net2 = Linear(3.0 * w, torch.zeros(3))
+    assert torch.allclose(alignment(net2, x, y), expected, rtol=1e-4, atol=1e-6)
+    assert net.w.grad is None and net.b.grad is None
+
+
+def test_alignment_batched_equals_one_by_one():
+    net, x, y, _ = linear_case(seed=1)
+    whole = alignment(net, x, y)
+    single = torch.cat([alignment(net, x[i : i + 1], y[i : i + 1]) for i in range(len(y))])
+    assert torch.allclose(whole, single)
+
+
+def test_zero_gradient_gives_zero_alignment():
+    net, x, y, w = linear_case(seed=2)
+    w0 = w.clone()
+    w0[1] = 0.0  # class 1's logit ignores the input
+    net0 = Linear(w0, torch.zeros(3))
+    y = torch.tensor([1, 0, 1, 2, 1, 0])
+    got = alignment(net0, x, y)
+    assert torch.isfinite(got).all()
+    assert (got[y == 1] == 0).all() and (got[y != 1] > 0).all()
+
+
+def test_mean_alignment_over_batches_uses_eval_mode_and_restores_it():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(3 * 16, 3),
+    )
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(8, 2, 4, 4, generator=g)
+    y = torch.randint(0, 3, (8,), generator=g)
+    net.train()
+    got = mean_alignment(net, [(x[:5], y[:5]), (x[5:], y[5:])], "cpu")
+    assert net.training and net[1].training
+    net.eval()
+    assert got == pytest.approx(alignment(net, x, y).mean().item(), rel=1e-5)
+    # uint8 images are scaled to [0, 1] first.
+    x8 = (x * 255).round().to(torch.uint8)
+    assert mean_alignment(net, [(x8, y)], "cpu") == pytest.approx(
+        alignment(net, x8.float() / 255, y).mean().item(), rel=1e-5
+    )
+    with pytest.raises(SatError, match="no samples"):
+        mean_alignment(net, [], "cpu")
