@@ -8,7 +8,8 @@ STAMP := $(VENV)/.installed-stamp
 SHARED_DATA ?= ../shared/data
 DATA_DIR ?= data
 
-.PHONY: install test test-all lint bench bench-store data clean lock
+.PHONY: install test test-all lint bench bench-store bench-precompute bench-train data clean lock \
+        demo teacher precompute train eval report repro-tiny
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,10 +29,74 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check saliency_cache trainer pipelines tests bench
 
-bench: bench-store
+bench: bench-store bench-precompute bench-train
 
 bench-store: $(STAMP)
 	$(PY) bench/bench_store.py --out bench/results/store.json
+
+bench-precompute: $(STAMP)
+	$(PY) bench/bench_precompute.py --out bench/results/precompute.json
+
+bench-train: $(STAMP)
+	$(PY) bench/bench_train.py --out bench/results/train.json
+
+# ---- the main job: the whole pipeline on synthetic data, CPU-sized --------------------------
+demo: $(STAMP)
+	$(SAT) demo --out runs/demo
+
+# ---- the stages on real data (Tiny ImageNet boxes by default) ------------------------------
+# Override any of these, e.g. `make precompute DATASET=oxford17 DATA=data/oxford17-flowers-seg WEAK=mask`.
+DATASET ?= tiny-imagenet
+DATA ?= $(DATA_DIR)/tiny-imagenet-20
+IMAGE_SIZE ?= 32
+WIDTH ?= 16
+RUN ?= runs/tiny
+TEACHER_MODE ?= standard
+TEACHER_EPOCHS ?= 4
+EPOCHS ?= 6
+WEAK ?= box
+WORKERS ?= 2
+DEVICE ?= auto
+DATA_ARGS = --dataset $(DATASET) --data-root $(DATA) --image-size $(IMAGE_SIZE)
+TEACHER_CKPT = $(RUN)/teachers/$(TEACHER_MODE)/teacher.safetensors
+GBP_MAP = resnet10-$(if $(filter adversarial,$(TEACHER_MODE)),adv,$(if $(filter sparse,$(TEACHER_MODE)),sparse,std))-gbp
+
+$(DATA_DIR)/tiny-imagenet-20/wnids.txt:
+	@test -f $(SHARED_DATA)/tiny-imagenet-20.tar.gz || { \
+	  echo "no $(SHARED_DATA)/tiny-imagenet-20.tar.gz: set DATA= to your Tiny ImageNet folder"; exit 2; }
+	mkdir -p $(DATA_DIR) && tar -xzf $(SHARED_DATA)/tiny-imagenet-20.tar.gz -C $(DATA_DIR)
+
+$(DATA)/.exists: | $(STAMP)
+	@test -e $(DATA) || $(MAKE) --no-print-directory $(DATA_DIR)/tiny-imagenet-20/wnids.txt
+	@test -e $(DATA) || { echo "dataset folder $(DATA) not found"; exit 2; }
+
+teacher: $(STAMP) $(DATA)/.exists
+	$(SAT) teacher $(DATA_ARGS) --arch resnet10 --width $(WIDTH) --mode $(TEACHER_MODE) \
+	  --epochs $(TEACHER_EPOCHS) --device $(DEVICE) --out $(RUN)/teachers/$(TEACHER_MODE)
+
+precompute: $(STAMP) $(DATA)/.exists
+	@test -f $(TEACHER_CKPT) || $(MAKE) --no-print-directory teacher
+	$(SAT) precompute $(DATA_ARGS) --store $(RUN)/store.zarr --teacher $(TEACHER_CKPT) \
+	  --method gbp --weak $(WEAK) --workers $(WORKERS)
+	$(SAT) cache verify $(RUN)/store.zarr
+	$(SAT) cache ls $(RUN)/store.zarr
+
+train: $(STAMP)
+	@test -d $(RUN)/store.zarr || $(MAKE) --no-print-directory precompute
+	$(SAT) train --store $(RUN)/store.zarr --mode sat --map $(GBP_MAP) --arch resnet10 \
+	  --width $(WIDTH) --epochs $(EPOCHS) --sat-reach 0.5 --device $(DEVICE) --out $(RUN)/sat
+
+eval: $(STAMP)
+	@test -f $(RUN)/sat/checkpoints/last.safetensors || $(MAKE) --no-print-directory train
+	$(SAT) eval --checkpoint $(RUN)/sat/checkpoints/last.safetensors --store $(RUN)/store.zarr \
+	  --attacks pgd5,pgd20,pgd40,uniform,trades,saliency --eps 1,2,3,4 --device $(DEVICE)
+
+report: $(STAMP)
+	$(SAT) report $(wildcard $(RUN)/*/eval/..) --out $(RUN)/report
+
+# The real-data comparison of docs/RESULTS.md (Tiny ImageNet-20, boxes as weak saliency).
+repro-tiny: $(STAMP) $(DATA)/.exists
+	$(SAT) compare --preset tiny --data-root $(DATA) --device $(DEVICE) --out $(RUN)/repro
 
 data:
 	@if ls $(SHARED_DATA)/*.tar.gz >/dev/null 2>&1; then \

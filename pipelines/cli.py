@@ -1,12 +1,16 @@
 """The ``sat`` command: a thin click front end. Each command builds a config and calls a library ``run``.
 
 User errors (:class:`saliency_cache.errors.SatError`) become a one-line message on stderr and
-exit code 2; click's own usage errors also exit 2.
+exit code 2; click's own usage errors also exit 2. ``--config FILE`` (YAML) supplies defaults
+for any command's options; flags given on the command line override it.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -28,6 +32,399 @@ class SatGroup(click.Group):
 @click.version_option(package_name="sat-pipeline")
 def main() -> None:
     """Saliency-based adversarial training: precompute saliency maps into a store, train, evaluate."""
+
+
+# ---- shared option groups ------------------------------------------------------------------
+def _load_config_file(ctx: click.Context, _param, value):
+    if value:
+        from pipelines.common import load_yaml_defaults
+
+        try:
+            defaults = load_yaml_defaults(value)
+        except SatError as e:
+            raise click.BadParameter(str(e)) from None
+        known = {p.name for p in ctx.command.params}
+        unknown = sorted(set(defaults) - known)
+        if unknown:
+            raise click.BadParameter(f"unknown keys in {value}: {', '.join(unknown)}")
+        ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+def config_option(f: Callable) -> Callable:
+    return click.option(
+        "--config", type=click.Path(dir_okay=False), callback=_load_config_file, is_eager=True,
+        expose_value=False, help="YAML file of option defaults (keys are option names).",
+    )(f)
+
+
+def data_options(required: bool = True) -> Callable:
+    def deco(f: Callable) -> Callable:
+        opts = [
+            click.option("--dataset", required=required, default=None,
+                         help="Dataset: synthetic, cifar10, cifar100, imagefolder, tiny-imagenet, oxford17."),
+            click.option("--data-root", type=click.Path(), default=None, help="Dataset folder."),
+            click.option("--image-size", type=int, default=None, help="Resize images to this size."),
+            click.option("--max-per-class", type=int, default=None, help="Take the first K images per class."),
+            click.option("--n", "n_samples", type=int, default=None, help="Training samples (synthetic)."),
+            click.option("--n-val", type=int, default=None, help="Validation samples (synthetic; default --n)."),
+            click.option("--num-classes", type=int, default=None, help="Classes (synthetic)."),
+            click.option("--data-seed", type=int, default=None, help="Generator seed (synthetic)."),
+            click.option("--data-option", multiple=True, metavar="KEY=VALUE",
+                         help="Any other dataset option (repeatable), e.g. foreground=1."),
+        ]
+        for o in reversed(opts):
+            f = o(f)
+        return f
+
+    return deco
+
+
+def _parse_value(v: str) -> Any:
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        return v
+
+
+def build_data_spec(kw: dict[str, Any]):
+    from pipelines.common import DataSpec
+
+    name = kw.pop("dataset")
+    root = kw.pop("data_root")
+    opts: dict[str, Any] = {}
+    for key, opt in (("image_size", "image_size"), ("max_per_class", "max_per_class"),
+                     ("n_samples", "n"), ("n_val", "n_val"), ("num_classes", "num_classes"),
+                     ("data_seed", "seed")):
+        v = kw.pop(key)
+        if v is not None:
+            opts[opt] = v
+    for item in kw.pop("data_option"):
+        if "=" not in item:
+            raise SatError(f"--data-option must be KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        opts[k.strip().replace("-", "_")] = _parse_value(v)
+    if name is None:
+        return None
+    return DataSpec(name=name, root=root, options=opts)
+
+
+def loop_options(f: Callable) -> Callable:
+    opts = [
+        click.option("--epochs", type=int, default=10, show_default=True),
+        click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True),
+        click.option("--lr", type=float, default=1e-3, show_default=True),
+        click.option("--momentum", type=float, default=0.9, show_default=True),
+        click.option("--weight-decay", type=float, default=0.0, show_default=True),
+        click.option("--schedule", type=click.Choice(["none", "cosine", "step"]), default="none", show_default=True),
+        click.option("--crop-padding", type=int, default=4, show_default=True),
+        click.option("--no-flip", is_flag=True, help="Disable horizontal flips."),
+        click.option("--no-amp", is_flag=True, help="Disable mixed precision on CUDA."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--robust-val-samples", type=int, default=256, show_default=True,
+                     help="Validation samples attacked (PGD-3, 2/255) each epoch."),
+        click.option("--batch-size", type=int, default=128, show_default=True),
+        click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto."),
+        click.option("--quiet", is_flag=True, help="No progress bars."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def build_loop(kw: dict[str, Any]):
+    from trainer.loop import LoopConfig
+
+    return LoopConfig(
+        epochs=kw.pop("epochs"), optimizer=kw.pop("optimizer"), lr=kw.pop("lr"),
+        momentum=kw.pop("momentum"), weight_decay=kw.pop("weight_decay"),
+        schedule=kw.pop("schedule"), crop_padding=kw.pop("crop_padding"),
+        flip=not kw.pop("no_flip"), amp=not kw.pop("no_amp"), seed=kw.pop("seed"),
+        robust_val_samples=kw.pop("robust_val_samples"), show_progress=not kw["quiet"],
+    )
+
+
+def _csv(value: str | None, cast=str) -> tuple:
+    if value is None or value == "":
+        return ()
+    out = []
+    for part in str(value).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            out.append(cast(part))
+        except ValueError:
+            raise SatError(f"cannot read {part!r} in {value!r} as a {cast.__name__}") from None
+    return tuple(out)
+
+
+def _echo_result(result: dict[str, Any], as_json: bool, human: str) -> None:
+    if as_json:
+        from pipelines.common import to_jsonable
+
+        click.echo(json.dumps(to_jsonable(result), indent=2, default=str))
+    else:
+        click.echo(human)
+
+
+# ---- commands ------------------------------------------------------------------------------
+@main.command()
+@config_option
+@data_options()
+@loop_options
+@click.option("--arch", default="resnet10", show_default=True, help="Model architecture.")
+@click.option("--width", type=int, default=64, show_default=True, help="Width of the first stage.")
+@click.option("--mode", "teacher_mode", type=click.Choice(["standard", "adversarial", "sparse"]),
+              default="standard", show_default=True)
+@click.option("--sparsity", type=float, default=0.95, show_default=True)
+@click.option("--prune-steps", type=int, default=3, show_default=True)
+@click.option("--finetune-epochs", type=int, default=1, show_default=True)
+@click.option("--val-split", default="val", show_default=True, help="'' to skip validation.")
+@click.option("--out", required=True, type=click.Path(), help="Output directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def teacher(**kw: Any) -> None:
+    """Train a teacher (standard, PGD-adversarial or 95 %-sparse) for precompute."""
+    from pipelines.common import resolve_device
+    from pipelines.teacher import TeacherConfig, run
+
+    data = build_data_spec(kw)
+    loop = build_loop(kw)
+    cfg = TeacherConfig(
+        data=data, out=kw["out"], arch=kw["arch"], width=kw["width"], mode=kw["teacher_mode"],
+        loop=loop, batch_size=kw["batch_size"], sparsity=kw["sparsity"],
+        prune_steps=kw["prune_steps"], finetune_epochs=kw["finetune_epochs"],
+        val_split=kw["val_split"] or None, device=resolve_device(kw["device"]),
+    )
+    res = run(cfg)
+    m = res["metrics"]
+    human = (f"teacher saved to {res['checkpoint']} (val acc {m.get('val_acc', float('nan')):.4f}"
+             + (f", sparsity {res['sparsity']:.4f}" if res["sparsity"] is not None else "") + ")")
+    _echo_result(res, kw["as_json"], human)
+
+
+@main.command()
+@config_option
+@data_options()
+@click.option("--store", required=True, help="Store path or URL (created if missing).")
+@click.option("--splits", default="train,val", show_default=True, help="Splits to ingest.")
+@click.option("--map-splits", default="train", show_default=True, help="Splits that get maps.")
+@click.option("--teacher", "teachers", multiple=True, type=click.Path(), help="Teacher checkpoint (repeatable).")
+@click.option("--method", "methods", default="gbp", show_default=True,
+              help="Comma-separated saliency methods run on every teacher.")
+@click.option("--weak", default="", help="Weak saliency from annotations: box, mask (comma-separated).")
+@click.option("--target", "target_rule", type=click.Choice(["label", "argmax"]), default="label", show_default=True,
+              help="Saliency target: ground-truth label (paper) or teacher argmax (authors' code).")
+@click.option("--quantile", type=float, default=0.0, show_default=True,
+              help="Zero attributions below this per-image |quantile|.")
+@click.option("--heat-threshold", type=float, default=0.5, show_default=True)
+@click.option("--no-images", is_flag=True, help="Do not store images (training then needs --dataset).")
+@click.option("--chunk-size", type=int, default=256, show_default=True)
+@click.option("--shard-chunks", type=int, default=None, help="Chunks per shard file.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--workers", type=int, default=1, show_default=True, help="Local dask workers.")
+@click.option("--scheduler", default=None, help="Address of an existing dask scheduler.")
+@click.option("--threads-per-worker", type=int, default=1, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def precompute(**kw: Any) -> None:
+    """Write dataset splits and saliency maps (teachers and/or boxes/masks) into a store."""
+    from pipelines.common import resolve_device
+    from pipelines.precompute import PrecomputeConfig, run
+
+    data = build_data_spec(kw)
+    cfg = PrecomputeConfig(
+        store=kw["store"], data=data, splits=_csv(kw["splits"]), map_splits=_csv(kw["map_splits"]),
+        with_images=not kw["no_images"], teachers=tuple(kw["teachers"]),
+        methods=_csv(kw["methods"]) if kw["teachers"] else (), weak=_csv(kw["weak"]),
+        target_rule=kw["target_rule"], quantile=kw["quantile"], heat_threshold=kw["heat_threshold"],
+        chunk_size=kw["chunk_size"], shard_chunks=kw["shard_chunks"], batch_size=kw["batch_size"],
+        workers=kw["workers"], scheduler=kw["scheduler"], threads_per_worker=kw["threads_per_worker"],
+        device=resolve_device(kw["device"]), seed=kw["seed"], show_progress=not kw["quiet"],
+    )
+    res = run(cfg)
+    names = ", ".join(f"{m['split']}/{m['name']}" for m in res["maps"]) or "no maps"
+    _echo_result(res, kw["as_json"], f"store {cfg.store}: {names} complete "
+                 f"({res['chunks_written']} chunks written in {res['seconds']:.1f}s)")
+
+
+@main.command()
+@config_option
+@data_options(required=False)
+@loop_options
+@click.option("--store", required=True, help="Store path or URL.")
+@click.option("--map", "maps", multiple=True, help="Cached map to stream (repeatable; several for multi-sat).")
+@click.option("--mode", default="sat", show_default=True, help="Training mode (see `sat list modes`).")
+@click.option("--split", default="train", show_default=True)
+@click.option("--val-split", default="val", show_default=True, help="'' to skip validation.")
+@click.option("--arch", default="resnet10", show_default=True)
+@click.option("--width", type=int, default=64, show_default=True)
+@click.option("--eps", type=float, default=8.0, show_default=True, help="Training budget of PGD/TRADES/FGSM-RS (/255).")
+@click.option("--sat-eps", type=float, default=8.0, show_default=True, help="SAT ε0 (/255).")
+@click.option("--sat-alpha", type=float, default=0.6 ** 0.1, show_default=True, help="SAT α (random-direction decay).")
+@click.option("--sat-reach", type=float, default=None,
+              help="Express the SAT schedule against run length: α^t reaches 0.6 at this fraction of training.")
+@click.option("--mix-p", type=float, default=0.5, show_default=True, help="P(SAT branch) for pgd-sat / trades-sat.")
+@click.option("--trades-beta", type=float, default=6.0, show_default=True)
+@click.option("--pgd-steps", type=int, default=5, show_default=True)
+@click.option("--pgd-step-size", type=float, default=2.0, show_default=True, help="PGD/TRADES step (/255).")
+@click.option("--trades-steps", type=int, default=5, show_default=True)
+@click.option("--uniform-eps", type=float, default=8.0, show_default=True, help="Uniform-noise budget (/255).")
+@click.option("--fgsm-alpha", type=float, default=10.0, show_default=True, help="FGSM-RS step (/255).")
+@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
+@click.option("--out", required=True, type=click.Path(), help="Run directory.")
+@click.option("--resume", is_flag=True, help="Continue from <out>/checkpoints/last.safetensors.")
+@click.option("--allow-partial", is_flag=True, help="Train on maps whose precompute is unfinished.")
+@click.option("--json", "as_json", is_flag=True)
+def train(**kw: Any) -> None:
+    """Train a student (SAT, PGD-SAT, TRADES-SAT or a baseline) from a store."""
+    from pipelines.common import resolve_device
+    from pipelines.train import TrainConfig, run
+    from trainer.perturb import PerturbConfig
+
+    data = build_data_spec(kw)
+    loop = build_loop(kw)
+    perturb = PerturbConfig(
+        eps=kw["eps"] / 255, sat_eps=kw["sat_eps"] / 255, sat_alpha=kw["sat_alpha"],
+        mix_p=kw["mix_p"], trades_beta=kw["trades_beta"], pgd_steps=kw["pgd_steps"],
+        pgd_step_size=kw["pgd_step_size"] / 255, trades_steps=kw["trades_steps"],
+        uniform_eps=kw["uniform_eps"] / 255, fgsm_rs_alpha=kw["fgsm_alpha"] / 255,
+    )
+    cfg = TrainConfig(
+        store=kw["store"], out=kw["out"], mode=kw["mode"], maps=tuple(kw["maps"]), split=kw["split"],
+        val_split=kw["val_split"] or None, data=data, arch=kw["arch"], width=kw["width"],
+        batch_size=kw["batch_size"], loop=loop, perturb=perturb, sat_reach_fraction=kw["sat_reach"],
+        workers=kw["workers"], device=resolve_device(kw["device"]), resume=kw["resume"],
+        allow_partial=kw["allow_partial"],
+    )
+    res = run(cfg)
+    f = res["final"]
+    _echo_result(res, kw["as_json"], f"run {res['run_dir']}: epoch {f.get('epoch')} "
+                 f"val_acc={f.get('val_acc', float('nan')):.4f} "
+                 f"val_robust_acc={f.get('val_robust_acc', float('nan')):.4f}")
+
+
+@main.command(name="eval")
+@config_option
+@data_options(required=False)
+@click.option("--checkpoint", required=True, type=click.Path(), help="Checkpoint to attack.")
+@click.option("--store", default=None, help="Evaluate on this store's split (or give --dataset).")
+@click.option("--split", default="val", show_default=True)
+@click.option("--attacks", default=",".join(("pgd5", "pgd20", "pgd40", "uniform", "trades", "saliency")),
+              show_default=True, help="Comma-separated attacks (see `sat list attacks`).")
+@click.option("--eps", default="1,2,3,4", show_default=True, help="Budgets in /255 units.")
+@click.option("--uniform-eps", default="8,16,32", show_default=True, help="Uniform-noise budgets (/255).")
+@click.option("--map", default=None, help="Cached map for the saliency-map attack.")
+@click.option("--max-samples", type=int, default=None)
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--no-alignment", is_flag=True)
+@click.option("--arch", "expect_arch", default=None, help="Refuse a checkpoint of another architecture.")
+@click.option("--out", default=None, type=click.Path(), help="Output directory (default <run>/eval).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def eval_cmd(**kw: Any) -> None:
+    """Attack a checkpoint: PGD-k, TRADES, uniform noise, saliency (and AutoAttack)."""
+    from pipelines.common import resolve_device
+    from pipelines.evaluate import EvalConfig, results_markdown, run
+
+    data = build_data_spec(kw)
+    cfg = EvalConfig(
+        checkpoint=kw["checkpoint"], out=kw["out"], attacks=_csv(kw["attacks"]),
+        eps=_csv(kw["eps"], float), uniform_eps=_csv(kw["uniform_eps"], float), store=kw["store"],
+        data=data, split=kw["split"], map=kw["map"], max_samples=kw["max_samples"],
+        batch_size=kw["batch_size"], alignment=not kw["no_alignment"], expect_arch=kw["expect_arch"],
+        device=resolve_device(kw["device"]), seed=kw["seed"], show_progress=not kw["quiet"],
+    )
+    res = run(cfg)
+    _echo_result(res, kw["as_json"], results_markdown(res))
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="Directory for tables and plots.")
+@click.option("--title", default="Robustness of SAT and baselines", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def report(runs: tuple[str, ...], out: str, title: str, as_json: bool) -> None:
+    """Aggregate evaluated runs into the paper's tables (markdown, CSV) and plots (PNG)."""
+    from pipelines.report import ReportConfig, run
+
+    res = run(ReportConfig(runs=runs, out=out, title=title))
+    _echo_result(res, as_json, (open(f"{out}/report.md").read()))
+
+
+@main.command()
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path())
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True, help="Dask workers for precompute.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo(out: str, device: str, workers: int, quiet: bool) -> None:
+    """The whole pipeline on synthetic shapes: teachers, precompute, 5 students, eval, report."""
+    from pipelines.common import resolve_device
+    from pipelines.compare import demo_config, run
+
+    res = run(demo_config(out=out, device=resolve_device(device), workers=workers,
+                          show_progress=not quiet))
+    click.echo(open(f"{out}/report/report.md").read())
+    click.echo(f"demo finished in {res['seconds']:.0f}s; tables, plots and overlays in {out}/")
+
+
+@main.command()
+@click.option("--preset", type=click.Choice(["demo", "tiny"]), required=True)
+@click.option("--data-root", default=None, type=click.Path(), help="Dataset folder (tiny preset).")
+@click.option("--out", required=True, type=click.Path())
+@click.option("--epochs", type=int, default=None, help="Student epochs (preset default otherwise).")
+@click.option("--teacher-epochs", type=int, default=None)
+@click.option("--width", type=int, default=None)
+@click.option("--max-per-class", type=int, default=None, help="Subsample the training split.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--quiet", is_flag=True)
+def compare(preset: str, data_root: str | None, out: str, epochs: int | None,
+            teacher_epochs: int | None, width: int | None, max_per_class: int | None,
+            device: str, workers: int, quiet: bool) -> None:
+    """Run a whole comparison preset (teachers -> precompute -> students -> eval -> report)."""
+    from dataclasses import replace
+
+    from pipelines.common import resolve_device
+    from pipelines.compare import demo_config, run, tiny_config
+
+    over: dict[str, Any] = {"device": resolve_device(device), "workers": workers,
+                            "show_progress": not quiet}
+    for key, val in (("student_epochs", epochs), ("teacher_epochs", teacher_epochs), ("width", width)):
+        if val is not None:
+            over[key] = val
+    if preset == "tiny":
+        if not data_root:
+            raise SatError("the tiny preset needs --data-root (a Tiny ImageNet folder)")
+        cfg = tiny_config(data_root, out=out, **over)
+    else:
+        cfg = demo_config(out=out, **over)
+    if max_per_class is not None:
+        cfg = replace(cfg, data=replace(cfg.data, options={**cfg.data.options, "max_per_class": max_per_class}))
+    res = run(cfg)
+    click.echo(open(f"{out}/report/report.md").read())
+    click.echo(f"finished in {res['seconds']:.0f}s; outputs in {out}/")
+
+
+@main.command(name="list")
+@click.argument("what", type=click.Choice(["models", "methods", "modes", "attacks", "datasets"]))
+def list_cmd(what: str) -> None:
+    """List registered models, saliency methods, training modes, attacks or datasets."""
+    if what == "models":
+        from trainer.models import list_models as f
+    elif what == "methods":
+        from trainer.saliency import list_methods as f
+    elif what == "modes":
+        from trainer.perturb import list_modes as f
+    elif what == "attacks":
+        from trainer.attacks import list_attacks as f
+    else:
+        from trainer.datasets import list_datasets as f
+    click.echo("\n".join(f()))
 
 
 def _attach() -> None:

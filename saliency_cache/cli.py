@@ -342,7 +342,13 @@ def show(
     as_json: bool,
 ) -> None:
     """Draw MAP for the given samples: image, map (channel mean; blue -1, red +1) and overlay."""
-    sp, name = _resolve(_open(store, storage_option), split_name, map_name)
+    info = render_show(_open(store, storage_option), split_name, map_name, indices, out)
+    _emit(as_json, info, f"wrote {info['out']}")
+
+
+def render_show(st, split_name: str | None, map_name: str, indices, out: str | Path) -> dict[str, Any]:
+    """Write the ``sat cache show`` PNG grid for ``indices`` of a map; return what was drawn."""
+    sp, name = _resolve(st, split_name, map_name)
     r = sp.inspect_map(name)
     for i in indices:
         if not 0 <= i < sp.n:
@@ -366,11 +372,7 @@ def show(
         cname = sp.class_names[lab] if sp.class_names and lab < len(sp.class_names) else None
         titles.append(f"{ids[i]} · label {lab}" + (f" ({cname})" if cname else ""))
     _draw(path, maps, images, titles, name)
-    _emit(
-        as_json,
-        {"out": str(path), "split": sp.name, "map": name, "indices": list(indices)},
-        f"wrote {path}",
-    )
+    return {"out": str(path), "split": sp.name, "map": name, "indices": list(indices)}
 
 
 def _draw(

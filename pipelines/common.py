@@ -1,0 +1,112 @@
+"""Pieces shared by the stages: the dataset spec, device choice, config IO."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from saliency_cache.errors import SatError
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which dataset to read and how: a registered name, a root folder and loader options.
+
+    ``options`` are passed to :func:`trainer.datasets.open_dataset` (e.g. ``image_size``,
+    ``max_per_class``, ``n``, ``seed``). They are part of the data's identity: the same
+    spec gives the same fingerprint.
+    """
+
+    name: str
+    root: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from trainer.datasets import list_datasets
+
+        if self.name not in list_datasets():
+            raise SatError(
+                f"unknown dataset {self.name!r}; choose one of: {', '.join(list_datasets())}"
+            )
+        if self.name != "synthetic" and not self.root:
+            raise SatError(f"dataset {self.name!r} needs --data-root")
+        if self.root and not Path(self.root).exists():
+            raise SatError(f"data root does not exist: {self.root}")
+
+    def open(self, split: str):
+        from trainer.datasets import open_dataset
+
+        return open_dataset(self.name, self.root, split, **self.options)
+
+
+def resolve_device(device: str | None) -> str:
+    """``"auto"``/None -> cuda when available else cpu; otherwise validated as given."""
+    import torch
+
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise SatError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SatError(f"device {device!r} requested but CUDA is not available here")
+    return str(dev)
+
+
+def to_jsonable(obj: Any) -> Any:
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(to_jsonable(obj), indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def git_sha() -> str | None:
+    """The repository's commit, when run from a git checkout (recorded with every run)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    return to_jsonable(asdict(cfg)) if is_dataclass(cfg) else dict(cfg)
+
+
+def load_yaml_defaults(path: str | Path | None) -> dict[str, Any]:
+    """Read an optional YAML/JSON config file whose keys are CLI option names (dashes or underscores)."""
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise SatError(f"config file not found: {p}")
+    import yaml
+
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SatError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise SatError(f"config file {p} must hold a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}

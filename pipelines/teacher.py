@@ -1,0 +1,135 @@
+"""Stage 0: train a teacher (standard, PGD-adversarial or 95 %-sparse) whose saliency gets cached.
+
+Output directory::
+
+    teacher.safetensors   the exported model (plain weights; sparse teachers hold real zeros)
+    teacher.json          config, metrics, sparsity, data fingerprint, sha256 of the weights
+    metrics.jsonl         one row per epoch (all phases), checkpoints/ of the loop
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.common import DataSpec, config_dict, git_sha, write_json
+from saliency_cache.errors import SatError
+from trainer.checkpoint import Checkpoint, save_checkpoint
+from trainer.loop import ArraySource, LoopConfig, fit
+
+TEACHER_MODES = ("standard", "adversarial", "sparse")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    data: DataSpec
+    out: str  # output directory
+    arch: str = "resnet10"  # a name from trainer.models.list_models()
+    width: int = 64  # channel width multiplier of the first stage
+    mode: str = "standard"  # standard | adversarial (PGD-5, 8/255) | sparse (95 % zeros)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    batch_size: int = 128
+    sparsity: float = 0.95  # target fraction of zero weights (sparse mode)
+    prune_steps: int = 3  # gradual pruning: prune, fine-tune, repeat
+    finetune_epochs: int = 1  # fine-tuning epochs after each pruning step
+    val_split: str | None = "val"  # evaluated every epoch; None to skip
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        from trainer.models import list_models
+
+        if self.arch not in list_models():
+            raise SatError(f"unknown architecture {self.arch!r}; choose one of: {', '.join(list_models())}")
+        if self.mode not in TEACHER_MODES:
+            raise SatError(f"unknown teacher mode {self.mode!r}; choose one of: {', '.join(TEACHER_MODES)}")
+        if self.width < 1:
+            raise SatError(f"width must be >= 1, got {self.width}")
+        if not 0.0 < self.sparsity < 1.0:
+            raise SatError(f"sparsity must be in (0, 1), got {self.sparsity}")
+        if self.batch_size < 1:
+            raise SatError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.prune_steps < 1 or self.finetune_epochs < 1:
+            raise SatError("prune_steps and finetune_epochs must be >= 1")
+
+
+def load_split_arrays(data: DataSpec, split: str) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """Open a split and load it whole as (dataset, uint8 images (N,C,H,W), int64 labels)."""
+    ds = data.open(split)
+    images = torch.from_numpy(np.ascontiguousarray(ds.load_images(0, len(ds))))
+    labels = torch.from_numpy(np.asarray(ds.labels(), dtype=np.int64))
+    return ds, images, labels
+
+
+def run(cfg: TeacherConfig) -> dict[str, Any]:
+    from trainer.models import create_model
+    from trainer.perturb import PerturbConfig, create_mode
+    from trainer.prune import make_permanent, prune_global, prune_schedule, sparsity
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.loop.seed)  # model initialisation
+    train_ds, images, labels = load_split_arrays(cfg.data, "train")
+    train = ArraySource(images, labels, batch_size=cfg.batch_size, shuffle=True, seed=cfg.loop.seed)
+    val = None
+    if cfg.val_split:
+        _, vi, vl = load_split_arrays(cfg.data, cfg.val_split)
+        val = ArraySource(vi, vl, batch_size=max(cfg.batch_size, 256), shuffle=False)
+    model = create_model(
+        cfg.arch, train_ds.num_classes, width=cfg.width, in_channels=train_ds.image_shape[0]
+    ).to(device)
+    mode = create_mode("pgd" if cfg.mode == "adversarial" else "standard", PerturbConfig())
+    run_config = {"stage": "teacher", **config_dict(cfg), "git_sha": git_sha()}
+    result = fit(model, mode, train, val, cfg.loop, out, device, run_config=run_config)
+    rows = [result["final"]]
+
+    achieved = None
+    if cfg.mode == "sparse":
+        ft_loop = LoopConfig(**{**config_dict(cfg.loop), "epochs": cfg.finetune_epochs})
+        for step, amount in enumerate(prune_schedule(cfg.sparsity, cfg.prune_steps)):
+            prune_global(model, amount)
+            r = fit(
+                model, mode, train, val, ft_loop, out / f"prune{step + 1}", device,
+                run_config={**run_config, "prune_step": step + 1, "prune_amount": amount},
+                on_epoch_end=lambda _e, m: {"sparsity": sparsity(m)},
+            )
+            make_permanent(model)
+            rows.append(r["final"])
+        achieved = sparsity(model)
+
+    model.eval()
+    export = Checkpoint(
+        arch=getattr(model, "arch", {}), model_state=model.state_dict(), epoch=cfg.loop.epochs,
+        config=run_config,
+        extra={
+            "teacher_mode": cfg.mode, "metrics": rows[-1], "sparsity": achieved,
+            "dataset": train_ds.describe(), "fingerprint": train_ds.fingerprint(),
+        },
+    )
+    sha = save_checkpoint(out / "teacher.safetensors", export)
+    summary = {
+        "checkpoint": str(out / "teacher.safetensors"), "sha256": sha, "arch": cfg.arch,
+        "width": cfg.width, "mode": cfg.mode, "sparsity": achieved, "metrics": rows[-1],
+        "phases": rows, "fingerprint": train_ds.fingerprint(), "config": run_config,
+    }
+    write_json(out / "teacher.json", summary)
+    return summary
+
+
+def describe_teacher(path: str | Path) -> dict[str, Any]:
+    """Provenance of a teacher checkpoint: architecture, training mode and sha256."""
+    from trainer.checkpoint import file_sha256, load_checkpoint
+
+    ck = load_checkpoint(path)
+    return {
+        "teacher_arch": ck.arch.get("name"),
+        "teacher_width": ck.arch.get("width"),
+        "teacher_mode": ck.extra.get("teacher_mode", "unknown"),
+        "checkpoint_sha256": file_sha256(path),
+        "teacher_num_classes": ck.arch.get("num_classes"),
+        "teacher_fingerprint": ck.extra.get("fingerprint"),
+    }

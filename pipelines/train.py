@@ -1,0 +1,142 @@
+"""Stage 2: train a student from a store (images + cached maps). No teacher is in memory.
+
+Under ``torchrun`` the process group is initialised here (NCCL on CUDA, gloo on CPU), each
+rank streams its own blocks of the store, and rank 0 writes the run directory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipelines.common import DataSpec, config_dict, git_sha
+from saliency_cache.errors import SatError
+from trainer.loop import LoopConfig, fit
+from trainer.perturb import PerturbConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    store: str  # path or URL of the saliency store
+    out: str  # run directory
+    mode: str = "sat"  # a name from trainer.perturb.list_modes()
+    maps: tuple[str, ...] = ()  # cached maps streamed with each sample (SAT modes)
+    split: str = "train"
+    val_split: str | None = "val"  # evaluated each epoch, from the store; None to skip
+    data: DataSpec | None = None  # supplies images when the store holds none
+    arch: str = "resnet10"
+    width: int = 64
+    batch_size: int = 128
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    perturb: PerturbConfig = field(default_factory=PerturbConfig)
+    # Express the SAT schedule against the run length: alpha^t reaches 0.6 after this fraction
+    # of training (None: t = epoch index, the paper's schedule for 100-200 epoch runs).
+    sat_reach_fraction: float | None = None
+    workers: int = 0  # DataLoader worker processes reading the store
+    buffer_blocks: int = 4  # chunk blocks shuffled together
+    device: str = "cpu"
+    resume: bool = False
+    allow_partial: bool = False  # train on maps whose precompute has not finished
+
+    def __post_init__(self) -> None:
+        from trainer.models import list_models
+        from trainer.perturb import list_modes
+
+        if self.mode not in list_modes():
+            raise SatError(f"unknown training mode {self.mode!r}; choose one of: {', '.join(list_modes())}")
+        if self.arch not in list_models():
+            raise SatError(f"unknown architecture {self.arch!r}; choose one of: {', '.join(list_models())}")
+        if self.batch_size < 1 or self.width < 1 or self.workers < 0:
+            raise SatError("batch size and width must be >= 1 and workers >= 0")
+        if self.sat_reach_fraction is not None and not 0 < self.sat_reach_fraction <= 1:
+            raise SatError(f"sat reach fraction must be in (0, 1], got {self.sat_reach_fraction}")
+
+    def effective_perturb(self) -> PerturbConfig:
+        """The perturbation config with the SAT time scale derived from the run length."""
+        if self.sat_reach_fraction is None:
+            return self.perturb
+        # alpha^t = 0.6 at t = 10 (alpha = 0.6^(1/10)); we want that at reach * epochs.
+        scale = 10.0 / (self.sat_reach_fraction * self.loop.epochs)
+        return replace(self.perturb, sat_time_scale=scale)
+
+
+def _init_distributed(device: str) -> tuple[int, int, str]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+    rank = dist.get_rank()
+    if device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    return rank, world, device
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    from trainer.loader import StoreStream, WorkerLoader
+    from trainer.models import create_model
+    from trainer.perturb import create_mode
+
+    rank, world, device = _init_distributed(cfg.device)
+    perturb = cfg.effective_perturb()
+    mode = create_mode(cfg.mode, perturb)
+    if mode.needs_maps and not cfg.maps:
+        raise SatError(f"training mode {cfg.mode!r} needs --map (a cached saliency map)")
+    if not mode.needs_maps and cfg.maps:
+        raise SatError(f"training mode {cfg.mode!r} uses no maps, but --map was given")
+    if cfg.maps and not mode.multi_map and len(cfg.maps) > 1:
+        raise SatError(f"training mode {cfg.mode!r} takes one map; use multi-sat for several")
+    images_from = cfg.data.open(cfg.split) if cfg.data is not None else None
+    stream = StoreStream(
+        cfg.store, cfg.split, cfg.maps, batch_size=cfg.batch_size, shuffle=True,
+        seed=cfg.loop.seed, buffer_blocks=cfg.buffer_blocks, images_from=images_from,
+        rank=rank, world_size=world, allow_partial=cfg.allow_partial,
+    )
+    train = WorkerLoader(stream, cfg.workers)
+    val = None
+    if cfg.val_split:
+        from saliency_cache.store import SaliencyStore
+
+        if cfg.val_split in SaliencyStore.open(cfg.store, "r").splits():
+            val_images = cfg.data.open(cfg.val_split) if cfg.data is not None else None
+            val = StoreStream(
+                cfg.store, cfg.val_split, (), batch_size=max(cfg.batch_size, 256), shuffle=False,
+                images_from=val_images, rank=rank, world_size=world,
+            )
+    from saliency_cache.store import SaliencyStore
+
+    split = SaliencyStore.open(cfg.store, "r").split(cfg.split)
+    torch.manual_seed(cfg.loop.seed)  # model initialisation, identical on every rank
+    model = create_model(
+        cfg.arch, split.num_classes, width=cfg.width, in_channels=int(split.image_shape[0])
+    )
+    map_prov = {
+        name: split.open_map(name, allow_partial=cfg.allow_partial).provenance for name in cfg.maps
+    }
+    run_config = {
+        "stage": "train", **config_dict(cfg), "effective_perturb": config_dict(perturb),
+        "map_provenance": map_prov, "split_fingerprint": split.fingerprint,
+        "world_size": world, "git_sha": git_sha(),
+    }
+    steps = stream.steps_per_epoch(cfg.loop.epochs, cfg.workers) if world > 1 else None
+    result = fit(
+        model, mode, train, val, cfg.loop, Path(cfg.out), device, resume=cfg.resume,
+        run_config=run_config, steps_per_epoch=steps,
+        extra={"mode": cfg.mode, "maps": list(cfg.maps), "map_provenance": map_prov,
+               "fingerprint": split.fingerprint, "store": cfg.store},
+    )
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return result

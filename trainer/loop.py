@@ -1,0 +1,400 @@
+"""The one training loop shared by teachers and students, for every training mode.
+
+A run directory receives ``checkpoints/last.safetensors`` and ``checkpoints/best.safetensors``
+(atomic), ``metrics.jsonl`` (one row per epoch) and ``result.json``. All randomness of an
+epoch (data order, augmentation, perturbations) is derived from ``(seed, epoch, rank)``, so
+``resume=True`` continues exactly where the last completed epoch left off.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from saliency_cache.errors import SatError
+from trainer.augment import random_crop_flip
+from trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, unwrap
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    epochs: int = 10  # passes over the training split
+    optimizer: str = "adam"  # "adam" (the paper: lr 1e-3) or "sgd" (momentum, nesterov)
+    lr: float = 1e-3  # peak learning rate
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 0.0  # L2 penalty for both optimisers
+    schedule: str = "none"  # "none", "cosine" (per step) or "step" (x0.1 at 50 % and 75 %)
+    crop_padding: int = 4  # random-crop padding in pixels; 0 disables cropping
+    flip: bool = True  # random horizontal flips
+    amp: bool = True  # mixed precision, used only on CUDA
+    seed: int = 0  # seeds data order, augmentation and perturbations
+    robust_val_eps: float = 2 / 255  # budget of the cheap per-epoch robust check (PGD-3)
+    robust_val_samples: int = 256  # validation samples attacked per epoch (0 disables)
+    best_metric: str = "val_robust_acc"  # which metric picks best.safetensors
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise SatError(f"epochs must be >= 1, got {self.epochs}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise SatError(f"unknown optimizer {self.optimizer!r}; choose adam or sgd")
+        if self.schedule not in ("none", "cosine", "step"):
+            raise SatError(f"unknown schedule {self.schedule!r}; choose none, cosine or step")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise SatError(f"lr must be a positive number, got {self.lr}")
+        if self.crop_padding < 0:
+            raise SatError(f"crop_padding must be >= 0, got {self.crop_padding}")
+        if self.best_metric not in ("val_robust_acc", "val_acc"):
+            raise SatError(f"best_metric must be val_robust_acc or val_acc, got {self.best_metric!r}")
+
+
+@dataclass
+class Batch:
+    """One batch as it leaves a loader (CPU tensors).
+
+    images: uint8 (B, C, H, W); labels: int64 (B,); index: int64 (B,) sample indices in the
+    split; maps: one tensor per streamed map, already decoded to int8 (B, C|1, H, W) or still
+    bit-packed uint8 (B, nbytes) — :meth:`BatchSource.decode_maps` turns them into int8 on the
+    device.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+    maps: list[torch.Tensor]
+
+
+class BatchSource(Protocol):
+    """What the loop needs from a data source (a store stream or an in-memory array)."""
+
+    num_samples: int
+
+    def epoch_batches(self, epoch: int) -> Iterator[Batch]: ...
+
+    def decode_maps(self, maps: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]: ...
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0, salt: int = 0) -> int:
+    """A 63-bit seed unique to (seed, epoch, rank, salt), stable across runs and platforms."""
+    x = (seed * 1_000_003 + epoch) * 1_000_033 + rank * 7919 + salt * 104_729
+    x ^= x >> 17
+    return (x * 0x9E3779B97F4A7C15) & ((1 << 63) - 1)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: LoopConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
+    )
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: LoopConfig, steps_per_epoch: int):
+    total = max(1, cfg.epochs * steps_per_epoch)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+        )
+    if cfg.schedule == "step":
+        m1, m2 = int(0.5 * total), int(0.75 * total)
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 1.0 if s < m1 else (0.1 if s < m2 else 0.01)
+        )
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_sum(values: list[float], device: torch.device) -> list[float]:
+    rank, world = _dist_info()
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def prepare_batch(
+    batch: Batch, source: BatchSource, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Move a batch to ``device``: images to float [0,1], maps decoded to int8."""
+    x = batch.images.to(device, non_blocking=True).float().div_(255.0)
+    y = batch.labels.to(device, non_blocking=True)
+    maps = source.decode_maps([m.to(device, non_blocking=True) for m in batch.maps], device)
+    return x, y, maps
+
+
+@torch.no_grad()
+def _clean_accuracy(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+    correct = n = 0.0
+    for x, y in batches:
+        correct += (model(x).argmax(1) == y).sum().item()
+        n += y.numel()
+    return correct, n
+
+
+def evaluate(
+    model: torch.nn.Module,
+    source: BatchSource,
+    device: torch.device,
+    *,
+    robust_eps: float,
+    robust_samples: int,
+    seed: int,
+) -> dict[str, float]:
+    """Clean accuracy over ``source`` and PGD-3 accuracy at ``robust_eps`` on its first samples."""
+    from trainer.attacks import pgd
+
+    was_training = model.training
+    model.eval()
+    correct = n = r_correct = r_n = 0.0
+    gen = torch.Generator(device=device).manual_seed(epoch_seed(seed, 0, salt=99))
+    for batch in source.epoch_batches(0):
+        x, y, _ = prepare_batch(batch, source, device)
+        c, k = _clean_accuracy(model, [(x, y)])
+        correct, n = correct + c, n + k
+        if r_n < robust_samples:
+            take = int(min(robust_samples - r_n, y.numel()))
+            xa = pgd(
+                model, x[:take], y[:take], eps=robust_eps, steps=3,
+                step_size=robust_eps / 2, random_start=True, generator=gen,
+            )
+            c, k = _clean_accuracy(model, [(xa, y[:take])])
+            r_correct, r_n = r_correct + c, r_n + k
+    model.train(was_training)
+    correct, n, r_correct, r_n = _all_sum([correct, n, r_correct, r_n], device)
+    out = {"val_acc": correct / max(n, 1)}
+    if robust_samples > 0:
+        out["val_robust_acc"] = r_correct / max(r_n, 1)
+    return out
+
+
+def fit(
+    model: torch.nn.Module,
+    mode,
+    train: BatchSource,
+    val: BatchSource | None,
+    cfg: LoopConfig,
+    run_dir: str | Path,
+    device: torch.device | str,
+    *,
+    resume: bool = False,
+    run_config: dict[str, Any] | None = None,
+    steps_per_epoch: int | None = None,
+    on_epoch_end: Callable[[int, torch.nn.Module], dict[str, Any] | None] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` with training mode ``mode`` and return the final result dict.
+
+    ``mode`` is a :class:`trainer.perturb.TrainingMode`. Under ``torchrun`` (an initialised
+    process group) the model is wrapped in DDP and only rank 0 writes files;
+    ``steps_per_epoch`` then caps every rank's epoch at the same step count (the stream
+    computes it); otherwise each epoch runs over the whole source.
+    ``on_epoch_end(epoch, model)`` may return extra metrics for the row (the sparse teacher
+    reports its sparsity this way).
+    """
+    device = torch.device(device)
+    run_dir = Path(run_dir)
+    rank, world = _dist_info()
+    is_main = rank == 0
+    base = unwrap(model).to(device)
+    ckpt_dir = run_dir / "checkpoints"
+    metrics_path = run_dir / "metrics.jsonl"
+    run_config = dict(run_config or {})
+    run_config.setdefault("loop", asdict(cfg))
+
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(run_config, indent=2, default=str))
+
+    optimizer = make_optimizer(base, cfg)
+    # A cap on steps is needed only under DDP, where ranks must take the same number of steps.
+    cap = steps_per_epoch
+    est_steps = cap or max(1, math.ceil(train.num_samples / max(1, _batch_size_hint(train))))
+    scheduler = make_scheduler(optimizer, cfg, est_steps)
+    start_epoch = 0
+    best = -1.0
+    if resume:
+        last = ckpt_dir / "last.safetensors"
+        if not last.is_file():
+            raise SatError(f"--resume given but {last} does not exist")
+        ck = load_checkpoint(last)
+        base.load_state_dict(ck.model_state)
+        if ck.optim_state is not None:
+            optimizer.load_state_dict(ck.optim_state)
+        if ck.sched_state is not None:
+            scheduler.load_state_dict(ck.sched_state)
+        start_epoch = ck.epoch
+        best = float(ck.extra.get("best", -1.0))
+        if is_main:
+            _truncate_metrics(metrics_path, start_epoch)
+    elif is_main and metrics_path.exists():
+        metrics_path.unlink()
+
+    net: torch.nn.Module = base
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            base, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    arch = getattr(base, "arch", {})
+    row: dict[str, Any] = {}
+
+    for epoch in range(start_epoch, cfg.epochs):
+        net.train()
+        gen = torch.Generator(device=device).manual_seed(epoch_seed(cfg.seed, epoch, rank, 1))
+        t0 = time.perf_counter()
+        loss_sum = correct = seen = 0.0
+        steps = 0
+        batches = train.epoch_batches(epoch)
+        bar = tqdm(
+            total=est_steps, desc=f"epoch {epoch + 1}/{cfg.epochs} [{mode.name}]",
+            disable=not (cfg.show_progress and is_main), leave=False,
+        )
+        for batch in batches:
+            if cap is not None and steps >= cap:
+                break
+            x, y, maps = prepare_batch(batch, train, device)
+            if cfg.crop_padding or cfg.flip:
+                x, maps = random_crop_flip(
+                    x, maps, padding=cfg.crop_padding, flip=cfg.flip, generator=gen
+                )
+            with torch.autocast(device_type=device.type, enabled=use_amp):
+                loss, logits = mode.loss(net, x, y, maps or None, epoch=float(epoch), generator=gen)
+            if not torch.isfinite(loss):
+                raise SatError(f"loss became {loss.item()} at epoch {epoch + 1}, step {steps + 1}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            steps += 1
+            b = y.numel()
+            loss_sum += loss.item() * b
+            correct += (logits.detach().argmax(1) == y).sum().item()
+            seen += b
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        epoch_time = time.perf_counter() - t0
+        loss_sum, correct, seen = _all_sum([loss_sum, correct, seen], device)
+        row = {
+            "epoch": epoch + 1,
+            "mode": mode.name,
+            "loss": loss_sum / max(seen, 1),
+            "train_acc": correct / max(seen, 1),
+            "epoch_time_s": epoch_time,
+            "images_per_s": seen / epoch_time if epoch_time > 0 else float("nan"),
+            "lr": optimizer.param_groups[0]["lr"],
+            "steps": steps,
+        }
+        if val is not None:
+            row.update(
+                evaluate(
+                    base, val, device, robust_eps=cfg.robust_val_eps,
+                    robust_samples=cfg.robust_val_samples, seed=cfg.seed,
+                )
+            )
+        if on_epoch_end is not None:
+            row.update(on_epoch_end(epoch, base) or {})
+        score = row.get(cfg.best_metric, row.get("val_acc", row["train_acc"]))
+        improved = score > best
+        best = max(best, score)
+        if is_main:
+            ck = Checkpoint(
+                arch=arch, model_state=base.state_dict(), epoch=epoch + 1, config=run_config,
+                optim_state=optimizer.state_dict(), sched_state=scheduler.state_dict(),
+                extra={"best": best, "metrics": row, **(extra or {})},
+            )
+            save_checkpoint(ckpt_dir / "last.safetensors", ck)
+            if improved:
+                save_checkpoint(ckpt_dir / "best.safetensors", ck)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            msg = " ".join(
+                f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+            )
+            if cfg.show_progress:
+                tqdm.write(msg)
+    result = {"final": row, "best": best, "epochs": cfg.epochs, "run_dir": str(run_dir)}
+    if is_main:
+        (run_dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+def _batch_size_hint(source: BatchSource) -> int:
+    return int(getattr(source, "batch_size", 128))
+
+
+def _truncate_metrics(path: Path, epochs_done: int) -> None:
+    """Drop metric rows past the checkpoint's epoch (written by a run killed after logging)."""
+    if not path.exists():
+        return
+    rows = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    keep = [ln for ln in rows if json.loads(ln).get("epoch", 0) <= epochs_done]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+class ArraySource:
+    """An in-memory :class:`BatchSource` over uint8 images (teachers, tests, small evals).
+
+    images: uint8 (N, C, H, W); labels: int64 (N,); maps: optional list of int8 (N, C|1, H, W).
+    Shuffling uses a generator seeded by (seed, epoch); ``rank``/``world_size`` split samples.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        maps: list[torch.Tensor] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise SatError(f"images must be uint8 (N,C,H,W), got {images.dtype} {tuple(images.shape)}")
+        if labels.shape[0] != images.shape[0]:
+            raise SatError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+        self.images, self.labels = images, labels.long()
+        self.maps = list(maps or [])
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.num_samples = len(range(rank, images.shape[0], world_size))
+
+    def epoch_batches(self, epoch: int) -> Iterator[Batch]:
+        n = self.images.shape[0]
+        if self.shuffle:
+            g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, salt=2))
+            order = torch.randperm(n, generator=g)
+        else:
+            order = torch.arange(n)
+        order = order[self.rank :: self.world_size]
+        for s in range(0, order.numel(), self.batch_size):
+            idx = order[s : s + self.batch_size]
+            yield Batch(self.images[idx], self.labels[idx], idx, [m[idx] for m in self.maps])
+
+    def decode_maps(self, maps: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        return maps
+
+    def steps(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
