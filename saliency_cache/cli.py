@@ -451,3 +451,75 @@ def verify_cmd(
     _emit(as_json, payload, "ok" if not problems else "\n".join(str(p) for p in problems))
     if problems:
         ctx.exit(1)
+
+
+@cache.command(name="copy", context_settings=_CONTEXT)
+@click.argument("src")
+@click.argument("dst")
+@click.option(
+    "-o",
+    "--storage-option",
+    "storage_option",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="fsspec option for SRC (repeatable; VALUE may be JSON), e.g. anon=true.",
+)
+@click.option(
+    "--dst-option",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help='fsspec option for DST (repeatable), e.g. client_kwargs=\'{"endpoint_url": "..."}\'.',
+)
+@click.option("--overwrite", is_flag=True, help="Replace a saliency store already at DST.")
+@click.option("--split", "splits", multiple=True, help="Copy only this split (repeatable).")
+@click.option("--map", "maps", multiple=True, help="Copy only this map of each split (repeatable).")
+@click.option(
+    "--allow-partial", is_flag=True, help="Also copy maps whose writing has not finished."
+)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_json_option
+def copy_cmd(
+    src: str,
+    dst: str,
+    storage_option: tuple[str, ...],
+    dst_option: tuple[str, ...],
+    overwrite: bool,
+    splits: tuple[str, ...],
+    maps: tuple[str, ...],
+    allow_partial: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """Copy the store SRC to DST byte for byte (any fsspec URL; HTTP only as SRC) and verify it.
+
+    DST must be empty unless --overwrite (which only replaces a saliency store). A manifest
+    of every file is written with the copy, so static HTTP hosts can serve it.
+    """
+    from saliency_cache.copy import copy_store
+
+    res = copy_store(
+        src,
+        dst,
+        src_options=_storage_options(storage_option),
+        dst_options=_dst_options(dst_option),
+        overwrite=overwrite,
+        splits=splits or None,
+        maps=maps or None,
+        allow_partial=allow_partial,
+        progress=not quiet and not as_json,
+    )
+    maps_text = "; ".join(f"{s}: {', '.join(m) or 'no maps'}" for s, m in res["splits"].items())
+    text = (
+        f"copied {res['files']} files ({_human(res['bytes'])}) from {res['src']} to {res['dst']} "
+        f"in {res['seconds']:.1f}s; verified ({maps_text})"
+    )
+    if res["partial"]:
+        text += "\n" + "\n".join(f"  partial: {p}" for p in res["partial"])
+    _emit(as_json, res, text)
+
+
+def _dst_options(items: tuple[str, ...]) -> dict[str, Any] | None:
+    try:
+        return _storage_options(items)
+    except SatError as e:
+        raise SatError(str(e).replace("--storage-option", "--dst-option")) from None

@@ -63,6 +63,10 @@ DEFAULT_CHUNK_SIZE = 256  # samples per chunk: the unit of a write, a read and a
 DEFAULT_SHARD_CHUNKS = 64  # chunks per shard file: a 50,000-sample map is 4 files
 ZSTD_LEVEL = 3
 LOCK_NAME = ".writer.lock"
+# Written by ``sat cache copy`` next to the root zarr.json: every key of the copy with its size
+# and sha256, so hosts without directory listings (static HTTP) can still list splits and maps.
+MANIFEST_NAME = ".sat-manifest.json"
+MANIFEST_FORMAT = "sat-saliency-cache-manifest"
 TEACHER_MODES = ("standard", "adversarial", "sparse")
 TARGET_RULES = ("label", "argmax")
 MODE_SHORT = {"standard": "std", "adversarial": "adv", "sparse": "sparse"}
@@ -259,6 +263,11 @@ class _Location:
         self.local_root: Path | None = None if self.remote else Path(self.url).absolute()
         self._zstore = None
         self._fs = None
+        self._manifest: dict[str, dict[str, Any]] | None | bool = False  # False: not read yet
+
+    @property
+    def http(self) -> bool:
+        return self.url.lower().startswith(("http://", "https://"))
 
     @property
     def zstore(self):
@@ -281,9 +290,40 @@ class _Location:
             d = self.local_root / prefix
             return sorted(os.listdir(d)) if d.is_dir() else []
         try:
-            return sorted(_sync(_collect(self.zstore.list_dir(prefix))))
+            # HTTP listings name sub-directories with a trailing "/".
+            names = {n.rstrip("/") for n in _sync(_collect(self.zstore.list_dir(prefix)))}
+            names.discard("")
         except FileNotFoundError:
-            return []
+            names = set()
+        except Exception:  # e.g. HTTP 403: the host serves files but no directory listings
+            if self.manifest() is None:
+                raise
+            names = set()
+        if names:
+            return sorted(names)
+        files = self.manifest()
+        if files is not None:
+            # A read-only copy published by `sat cache copy` on a host that cannot list.
+            head = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
+            return sorted({k[len(head) :].split("/", 1)[0] for k in files if k.startswith(head)})
+        if self.http:  # every group holds a zarr.json, so an empty HTTP listing is no listing
+            where = "/".join(p for p in (self.url.rstrip("/"), prefix) if p)
+            raise SatError(
+                f"cannot list {where}: the server gives no directory listings and "
+                f"the store has no {MANIFEST_NAME}; name the split and map explicitly, or "
+                "publish the store with `sat cache copy` (which writes the manifest)"
+            )
+        return []
+
+    def manifest(self) -> dict[str, dict[str, Any]] | None:
+        """``{key: {"size", "sha256"}}`` from a read-only remote store's manifest, else None."""
+        if self._manifest is False:
+            self._manifest = None
+            if self.remote and self.read_only:
+                raw = self.get(MANIFEST_NAME)
+                if raw is not None:
+                    self._manifest = parse_manifest(raw, self.url)
+        return self._manifest
 
     def get(self, key: str) -> bytes | None:
         from zarr.core.buffer import default_buffer_prototype
@@ -316,12 +356,52 @@ class _Location:
                     except FileNotFoundError:  # a temp file replaced meanwhile
                         pass
             return total
+        files = self.manifest()
+        if files is not None:
+            head = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
+            return sum(int(v["size"]) for k, v in files.items() if k.startswith(head))
         if self._fs is None:
             from fsspec.core import url_to_fs
 
             self._fs, self._fs_root = url_to_fs(self.url, **self.storage_options)
         path = f"{self._fs_root.rstrip('/')}/{prefix}"
-        return int(self._fs.du(path, total=True))
+        try:
+            return int(self._fs.du(path, total=True))
+        except TypeError:  # HTTP listings carry no sizes: ask for each file's
+            return sum(int(self._fs.size(p) or 0) for p in self._fs.find(path))
+
+    def check_byte_ranges(self) -> None:
+        """Refuse an HTTP server that ignores Range requests (shards are read by byte range)."""
+        from zarr.abc.store import RangeByteRequest
+        from zarr.core.buffer import default_buffer_prototype
+
+        buf = _sync(
+            self.zstore.get(
+                "zarr.json", prototype=default_buffer_prototype(), byte_range=RangeByteRequest(0, 1)
+            )
+        )
+        if buf is not None and len(buf) != 1:
+            raise SatError(
+                f"the server of {self.url} ignores HTTP Range requests (asked for 1 byte, got "
+                f"{len(buf)}); maps are read by byte range, so serve the store from a host that "
+                "supports ranges (S3, nginx, any CDN; not `python -m http.server`)"
+            )
+
+
+def parse_manifest(raw: bytes, where: str) -> dict[str, dict[str, Any]]:
+    """The ``files`` of a manifest (see :data:`MANIFEST_NAME`); StoreFormatError if malformed."""
+    try:
+        d = json.loads(raw.decode("utf-8"))
+        ok = d.get("format") == MANIFEST_FORMAT and isinstance(d.get("files"), dict)
+        files = d["files"] if ok else None
+        ok = ok and all(
+            isinstance(v, dict) and isinstance(v.get("size"), int) for v in files.values()
+        )
+    except (UnicodeDecodeError, ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise StoreFormatError(f"{where}/{MANIFEST_NAME} is not a valid manifest")
+    return files
 
 
 def _wrap_meta(what: str, fn):
@@ -394,6 +474,11 @@ class SaliencyStore:
             raise SatError(f"store mode must be 'r', 'a' or 'w', got {mode!r}")
         loc = _Location(url, read_only=mode == "r", storage_options=storage_options)
         local = loc.local_root
+        if loc.http and mode != "r":
+            raise ReadOnlyError(
+                f"stores served over HTTP(S) are read-only, so {loc.url} cannot be opened with "
+                f"mode {mode!r}; write locally or to s3:// and publish with `sat cache copy`"
+            )
         if mode in ("r", "r+"):
             if local is not None and not local.exists():
                 raise StoreNotFoundError(f"no store at {loc.url}")
@@ -403,6 +488,8 @@ class SaliencyStore:
                 if local is not None:
                     raise StoreFormatError(f"{loc.url} is not a saliency store (no zarr.json)")
                 raise StoreNotFoundError(f"no saliency store at {loc.url} (no zarr.json)")
+            if loc.http:
+                loc.check_byte_ranges()
             return cls._open_existing(loc)
         if cls._has_root(loc):
             if mode == "w":
@@ -436,7 +523,9 @@ class SaliencyStore:
     @classmethod
     def _open_existing(cls, loc: _Location) -> SaliencyStore:
         mode = "r" if loc.read_only else "r+"
-        root = _wrap_meta(f"store {loc.url}", lambda: zarr.open_group(loc.zstore, mode=mode))
+        root = _wrap_meta(
+            f"store {loc.url}", lambda: zarr.open_group(loc.zstore, mode=mode, zarr_format=3)
+        )
         attrs = root.attrs.asdict()
         if attrs.get("format") != FORMAT:
             raise StoreFormatError(
@@ -743,7 +832,7 @@ class Split:
 
     # ---- images ----
     def _has_images_array(self) -> bool:
-        return "images" in _array_names(self._loc, self.name)
+        return self._loc.exists(f"{self.name}/images/zarr.json")  # no listing: works over HTTP
 
     def images_complete(self) -> bool:
         """True once :meth:`mark_images_complete` ran (re-read from the store)."""
