@@ -304,6 +304,7 @@ def fit(
             "images_per_s": seen / epoch_time if epoch_time > 0 else float("nan"),
             "lr": optimizer.param_groups[0]["lr"],
             "steps": steps,
+            "train_samples": int(seen),  # summed over ranks: the images this epoch trained on
         }
         if val is not None:
             row.update(
@@ -323,11 +324,13 @@ def fit(
                 optim_state=optimizer.state_dict(), sched_state=scheduler.state_dict(),
                 extra={"best": best, "metrics": row, **(extra or {})},
             )
-            save_checkpoint(ckpt_dir / "last.safetensors", ck)
-            if improved:
-                save_checkpoint(ckpt_dir / "best.safetensors", ck)
+            # The metrics row and best go first and last.safetensors last: a run killed in
+            # between resumes from the previous epoch, and the resume drops the extra row.
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if improved:
+                save_checkpoint(ckpt_dir / "best.safetensors", ck)
+            save_checkpoint(ckpt_dir / "last.safetensors", ck)
             msg = " ".join(
                 f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
             )

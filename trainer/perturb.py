@@ -146,9 +146,13 @@ def sat_delta(
         raise SatError(f"p_random must be a probability in [0, 1], got {p_random!r}")
     r = torch.rand(s.shape, generator=generator, device=s.device)
     from_random = r < p_random
-    # Given r < p, r / p is uniform on [0, 1), so one draw decides both the branch and z.
-    z = torch.where(r < 0.5 * p_random, 1.0, -1.0).to(s.dtype)
-    return torch.where(from_random, z, -s), from_random
+    # Given r < p, r / p is uniform on [0, 1), so one draw decides both the branch and z:
+    # z = +1 where r < p/2, else -1. With 0/1 masks R = [r < p] and Z = [r < p/2] (Z implies
+    # R) that is δ = 2Z - R - s(1 - R). This runs on every SAT batch, and these vectorised
+    # ops cost a fraction of two torch.where over bool masks on CPU (same values).
+    rnd = from_random.to(s.dtype)
+    delta = (r < 0.5 * p_random).to(s.dtype).mul_(2).sub_(rnd).sub_(s * (1 - rnd))
+    return delta, from_random
 
 
 def sat_perturb(
@@ -170,7 +174,8 @@ def sat_perturb(
         raise SatError(f"SAT eps must be a number >= 0 in pixel units, got {eps!r}")
     check_generator(generator, x)
     delta, _ = sat_delta(expand_map(smap, x), p_random=p_random, generator=generator)
-    return torch.clamp(x.detach() + eps * delta, 0.0, 1.0)
+    # x + eps * delta in one pass (eps * delta is exact for delta in {-1, 0, +1}).
+    return x.detach().add(delta, alpha=eps).clamp_(0.0, 1.0)
 
 
 def select_maps(
