@@ -35,19 +35,45 @@ def main() -> None:
 
 
 # ---- shared option groups ------------------------------------------------------------------
+def _config_keys(ctx: click.Context) -> tuple[dict[str, str], list[str]]:
+    """Config-file keys of a command: {key: parameter name}, and the option names to list.
+
+    Keys are option names with underscores (``chunk_size`` for --chunk-size, ``method`` for
+    --method); the parameter name an option fills (``methods``) is accepted too.
+    """
+    names: dict[str, str] = {}
+    shown: list[str] = []
+    for p in ctx.command.params:
+        if not isinstance(p, click.Option) or p.name == "config":
+            continue
+        names[p.name] = p.name
+        for opt in (*p.opts, *p.secondary_opts):
+            if opt.startswith("--"):
+                names[opt[2:].replace("-", "_")] = p.name
+                shown.append(opt[2:])
+    return names, sorted(shown)
+
+
 def _load_config_file(ctx: click.Context, _param, value):
+    # Raised as SatError (not click.BadParameter) so a bad config file gets the one-line
+    # `error: ...` of every other user error; SatGroup catches it while parsing the command.
     if value:
         from pipelines.common import load_yaml_defaults
 
-        try:
-            defaults = load_yaml_defaults(value)
-        except SatError as e:
-            raise click.BadParameter(str(e)) from None
-        known = {p.name for p in ctx.command.params}
-        unknown = sorted(set(defaults) - known)
+        defaults = load_yaml_defaults(value)
+        names, shown = _config_keys(ctx)
+        unknown = sorted(set(defaults) - set(names))
         if unknown:
-            raise click.BadParameter(f"unknown keys in {value}: {', '.join(unknown)}")
-        ctx.default_map = {**(ctx.default_map or {}), **defaults}
+            raise SatError(
+                f"unknown keys in config file {value}: {', '.join(unknown)}; "
+                f"valid: {', '.join(shown)}"
+            )
+        mapped: dict[str, Any] = {}
+        for key, v in defaults.items():
+            if names[key] in mapped:
+                raise SatError(f"config file {value} sets option {names[key]!r} twice")
+            mapped[names[key]] = v
+        ctx.default_map = {**(ctx.default_map or {}), **mapped}
     return value
 
 
@@ -185,9 +211,10 @@ def _echo_result(result: dict[str, Any], as_json: bool, human: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def teacher(**kw: Any) -> None:
     """Train a teacher (standard, PGD-adversarial or 95 %-sparse) for precompute."""
-    from pipelines.common import resolve_device
+    from pipelines.common import check_out_dir, resolve_device
     from pipelines.teacher import TeacherConfig, run
 
+    check_out_dir(kw["out"])
     data = build_data_spec(kw)
     loop = build_loop(kw)
     cfg = TeacherConfig(
@@ -280,10 +307,11 @@ def precompute(**kw: Any) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def train(**kw: Any) -> None:
     """Train a student (SAT, PGD-SAT, TRADES-SAT or a baseline) from a store."""
-    from pipelines.common import resolve_device
+    from pipelines.common import check_out_dir, resolve_device
     from pipelines.train import TrainConfig, run
     from trainer.perturb import PerturbConfig
 
+    check_out_dir(kw["out"])
     data = build_data_spec(kw)
     loop = build_loop(kw)
     perturb = PerturbConfig(

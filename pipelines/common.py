@@ -78,6 +78,21 @@ def write_json(path: str | Path, obj: Any) -> None:
     tmp.replace(path)
 
 
+def check_out_dir(path: str | Path, what: str = "--out") -> Path:
+    """``path`` as a Path, or :class:`SatError` when it (or a parent) exists as a non-directory.
+
+    Run before any work, so a run that could never write its outputs fails at once with one
+    line instead of a traceback after the work is done.
+    """
+    p = Path(path)
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                raise SatError(f"{what} {path}: {q} exists and is not a directory")
+            break
+    return p
+
+
 def git_sha() -> str | None:
     """The repository's commit, when run from a git checkout (recorded with every run)."""
     try:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipelines.common import DataSpec, config_dict, git_sha, write_json
+from pipelines.common import DataSpec, check_out_dir, config_dict, git_sha, write_json
 from saliency_cache.errors import MismatchError, SatError
 
 DEFAULT_ATTACKS = ("pgd5", "pgd20", "pgd40", "uniform", "trades", "saliency")
@@ -46,6 +46,12 @@ class EvalConfig:
 
         if (self.store is None) == (self.data is None):
             raise SatError("give exactly one of --store or --dataset to evaluate on")
+        # Results are keyed by (attack, eps): a repeated name or budget would be counted twice.
+        # "pgd" is PGD-5, filed under "pgd5" so it lands in the report's Table 1.
+        specs = (str(a).strip().lower() for a in self.attacks)
+        object.__setattr__(
+            self, "attacks", tuple(dict.fromkeys("pgd5" if a == "pgd" else a for a in specs))
+        )
         if not self.attacks:
             raise SatError("no attacks given")
         for a in self.attacks:
@@ -55,6 +61,14 @@ class EvalConfig:
                 raise SatError(f"epsilon must be a finite number >= 0 (in /255 units), got {e}")
             if e > 255:
                 raise SatError(f"epsilon {e}/255 exceeds the pixel range")
+        object.__setattr__(self, "eps", tuple(dict.fromkeys(float(e) for e in self.eps)))
+        object.__setattr__(
+            self, "uniform_eps", tuple(dict.fromkeys(float(e) for e in self.uniform_eps))
+        )
+        if "uniform" in self.attacks and not self.uniform_eps:
+            raise SatError("the uniform attack needs at least one budget (--uniform-eps)")
+        if any(a != "uniform" for a in self.attacks) and not self.eps:
+            raise SatError("no attack budgets given (--eps)")
         if self.batch_size < 1:
             raise SatError(f"batch size must be >= 1, got {self.batch_size}")
         if self.max_samples is not None and self.max_samples < 1:
@@ -63,6 +77,18 @@ class EvalConfig:
             raise SatError(f"checkpoint not found: {self.checkpoint}")
         if any(a.startswith("saliency-map") for a in self.attacks) and not self.map:
             raise SatError("the saliency-map attack needs --map (and --store)")
+        if self.map and self.store is None:
+            raise SatError(f"--map {self.map} reads a cached map from a store; give --store")
+        check_out_dir(self.out_dir())
+
+    def out_dir(self) -> Path:
+        """``out``, or ``<run dir>/eval`` for a checkpoint in ``<run dir>/checkpoints/``."""
+        if self.out:
+            return Path(self.out)
+        run_dir = Path(self.checkpoint).resolve().parent
+        if run_dir.name == "checkpoints":
+            run_dir = run_dir.parent
+        return run_dir / "eval"
 
 
 def _eval_arrays(cfg: EvalConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
@@ -119,10 +145,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         )
     if images.shape[1] != arch.get("in_channels", images.shape[1]):
         raise MismatchError(f"checkpoint expects {arch.get('in_channels')} channels, images have {images.shape[1]}")
-    run_dir = Path(cfg.checkpoint).resolve().parent
-    if run_dir.name == "checkpoints":
-        run_dir = run_dir.parent
-    out = Path(cfg.out) if cfg.out else run_dir / "eval"
+    out = cfg.out_dir()
     n = labels.numel()
     model.eval()
     t0 = time.perf_counter()
@@ -164,6 +187,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         "results": results, "seconds": time.perf_counter() - t0,
         "label": run_label(train_cfg, ckpt.extra),
         "mode": ckpt.extra.get("mode", train_cfg.get("mode")),
+        "attack_params": {spec: atk.params() for spec, atk in attacks.items()},
         "config": config_dict(cfg), "git_sha": git_sha(),
     }
     write_json(out / "results.json", summary)

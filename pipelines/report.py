@@ -15,12 +15,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.common import write_json
+from pipelines.common import check_out_dir, write_json
 from saliency_cache.errors import SatError
 
 
@@ -33,6 +35,7 @@ class ReportConfig:
     def __post_init__(self) -> None:
         if not self.runs:
             raise SatError("no run directories given")
+        check_out_dir(self.out)
 
 
 @dataclass
@@ -43,6 +46,34 @@ class RunResult:
     run_dir: Path
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_results(results: Any, where: Path) -> dict[str, Any]:
+    """``results`` of a results.json, or SatError naming what is wrong with it."""
+    bad = f"{where} is not a results file written by `sat eval`"
+    if not isinstance(results, dict) or not _number(results.get("clean")):
+        raise SatError(f"{bad} (results.clean is missing or not a number)")
+    attacks = results.get("attacks", {})
+    if not isinstance(attacks, dict):
+        raise SatError(f"{bad} (results.attacks is not a mapping)")
+    for name, by_eps in attacks.items():
+        if not isinstance(by_eps, dict):
+            raise SatError(f"{bad} (results.attacks.{name} is not a mapping of eps: accuracy)")
+        for eps, acc in by_eps.items():
+            try:
+                float(eps)
+            except ValueError:
+                raise SatError(f"{bad} (attack {name}: budget {eps!r} is not a number)") from None
+            if not _number(acc):
+                raise SatError(f"{bad} (attack {name} at {eps}/255: accuracy {acc!r})")
+    align = results.get("alignment", 0.0)
+    if not isinstance(align, (int, float)) or isinstance(align, bool):
+        raise SatError(f"{bad} (results.alignment is not a number)")
+    return {**results, "attacks": attacks}
+
+
 def _load_run(path: str) -> RunResult:
     p = Path(path)
     res_path = p if p.is_file() else p / "eval" / "results.json"
@@ -50,63 +81,92 @@ def _load_run(path: str) -> RunResult:
         raise SatError(f"no evaluation results in {path} (expected {res_path}; run `sat eval` first)")
     try:
         summary = json.loads(res_path.read_text())
-        results = summary["results"]
-    except (json.JSONDecodeError, KeyError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SatError(f"{res_path} is not a results file written by `sat eval` ({e})") from None
+    if not isinstance(summary, dict) or "results" not in summary:
+        raise SatError(f"{res_path} is not a results file written by `sat eval` (no 'results')")
+    results = _check_results(summary["results"], res_path)
     run_dir = res_path.parent.parent if res_path.parent.name == "eval" else res_path.parent
     times = []
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file():
-        for line in metrics.read_text().splitlines():
+        for lineno, line in enumerate(metrics.read_text().splitlines(), 1):
             if line.strip():
-                row = json.loads(line)
-                if "epoch_time_s" in row:
-                    times.append(float(row["epoch_time_s"]))
+                try:
+                    row = json.loads(line)
+                    if isinstance(row, dict) and "epoch_time_s" in row:
+                        times.append(float(row["epoch_time_s"]))
+                except (json.JSONDecodeError, TypeError, ValueError):
+                    raise SatError(
+                        f"{metrics} line {lineno} is not a metrics row (JSON with a numeric "
+                        "epoch_time_s)"
+                    ) from None
     return RunResult(
-        label=summary.get("label") or run_dir.name, results=results,
+        label=str(summary.get("label") or run_dir.name), results=results,
         epoch_time=statistics.mean(times) if times else None, run_dir=run_dir,
     )
 
 
-def _fmt(v: float | None) -> str:
-    return "–" if v is None else f"{100 * v:.2f}"
+def _percent(v: float) -> str:
+    return f"{100 * v:.2f}"
 
 
-def _table(rows: list[list[str]], header: list[str]) -> tuple[str, str]:
+def _table(
+    rows: list[list[Any]], header: list[str], fmt: Callable[[float], str] = _percent
+) -> tuple[str, str]:
+    """Markdown and CSV of ``rows`` (a label, then values, None where nothing was measured).
+
+    Values are written with ``fmt`` (accuracies in [0, 1] as percent with two decimals); a
+    missing one is "–" in markdown and an empty cell in the CSV, so spreadsheet and pandas
+    readers see a missing value.
+    """
     md = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    md += ["| " + " | ".join(r) + " |" for r in rows]
+    md += ["| " + " | ".join([str(r[0]), *("–" if v is None else fmt(v) for v in r[1:])]) + " |"
+           for r in rows]
     buf = io.StringIO()
-    w = csv.writer(buf)
+    w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
-    w.writerows(rows)
+    w.writerows([r[0], *("" if v is None else fmt(v) for v in r[1:])] for r in rows)
     return "\n".join(md) + "\n", buf.getvalue()
 
 
 def _eps_keys(runs: list[RunResult], attack: str) -> list[str]:
     keys: set[str] = set()
     for r in runs:
-        keys |= set(r.results.get("attacks", {}).get(attack, {}))
+        keys |= set(r.results["attacks"].get(attack, {}))
     return sorted(keys, key=float)
 
 
+def _acc(r: RunResult, attack: str, eps: str) -> float | None:
+    return r.results["attacks"].get(attack, {}).get(eps)
+
+
+TABLE1_ATTACK = "pgd5"
+STRONG_ATTACKS = ("pgd20", "pgd40")
+OTHER_ORDER = ("uniform", "trades", "saliency", "saliency-map", "fgsm", "autoattack")
+
+
 def build_tables(runs: list[RunResult]) -> dict[str, tuple[str, str]]:
+    """Table 1 (clean + PGD-5 by ε), Table 4 (every other attack but PGD-20/40 by budget) and
+    Table 6 (PGD-20/40 by ε), each as (markdown, CSV); tables with no data are left out."""
     tables: dict[str, tuple[str, str]] = {}
-    eps = _eps_keys(runs, "pgd5")
+    eps = _eps_keys(runs, TABLE1_ATTACK)
     if eps:
-        rows = [[r.label, _fmt(r.results.get("clean"))]
-                + [_fmt(r.results["attacks"].get("pgd5", {}).get(e)) for e in eps] for r in runs]
+        rows = [[r.label, r.results["clean"]] + [_acc(r, TABLE1_ATTACK, e) for e in eps]
+                for r in runs]
         tables["table1_pgd5"] = _table(rows, ["Method", "Clean"] + [f"ε={e}/255" for e in eps])
-    other = [a for a in ("uniform", "trades", "saliency", "saliency-map", "fgsm", "autoattack")
-             if any(a in r.results.get("attacks", {}) for r in runs)]
+    seen = {a for r in runs for a in r.results["attacks"]}
+    rest = seen - {TABLE1_ATTACK, *STRONG_ATTACKS}
+    other = [a for a in OTHER_ORDER if a in rest] + sorted(rest - set(OTHER_ORDER))
     if other:
         cols = [(a, e) for a in other for e in _eps_keys(runs, a)]
-        rows = [[r.label] + [_fmt(r.results["attacks"].get(a, {}).get(e)) for a, e in cols] for r in runs]
+        rows = [[r.label] + [_acc(r, a, e) for a, e in cols] for r in runs]
         tables["table4_other_attacks"] = _table(rows, ["Method"] + [f"{a} ε={e}/255" for a, e in cols])
-    strong = [a for a in ("pgd20", "pgd40") if any(a in r.results.get("attacks", {}) for r in runs)]
+    strong = [a for a in STRONG_ATTACKS if a in seen]
     if strong:
         cols = [(a, e) for a in strong for e in _eps_keys(runs, a)]
-        rows = [[r.label] + [_fmt(r.results["attacks"].get(a, {}).get(e)) for a, e in cols] for r in runs]
-        tables["table6_pgd20_40"] = _table(rows, ["Method"] + [f"{a.upper()} ε={e}/255" for a, e in cols])
+        rows = [[r.label] + [_acc(r, a, e) for a, e in cols] for r in runs]
+        tables["table6_pgd20_40"] = _table(rows, ["Method"] + [f"PGD-{a[3:]} ε={e}/255" for a, e in cols])
     return tables
 
 
@@ -122,9 +182,8 @@ def _plots(runs: list[RunResult], out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for r in runs:
             xs = [0.0] + [float(e) for e in eps]
-            ys = [100 * r.results.get("clean", float("nan"))] + [
-                100 * r.results["attacks"].get("pgd5", {}).get(e, float("nan")) for e in eps
-            ]
+            accs = [r.results["clean"]] + [_acc(r, TABLE1_ATTACK, e) for e in eps]
+            ys = [float("nan") if a is None else 100 * a for a in accs]
             ax.plot(xs, ys, marker="o", label=r.label)
         ax.set_xlabel("ε (/255), PGD-5; 0 = clean")
         ax.set_ylabel("accuracy (%)")
@@ -166,7 +225,7 @@ def run(cfg: ReportConfig) -> dict[str, Any]:
         (out / f"{key}.csv").write_text(tcsv)
     align = [(r.label, r.results["alignment"]) for r in runs if "alignment" in r.results]
     if align:
-        amd, acsv = _table([[lab, f"{a:.4f}"] for lab, a in align], ["Method", "Alignment"])
+        amd, acsv = _table([[lab, a] for lab, a in align], ["Method", "Alignment"], "{:.4f}".format)
         md += ["## Alignment (Etmann et al.)", "", amd]
         (out / "alignment.csv").write_text(acsv)
     plots = _plots(runs, out)
