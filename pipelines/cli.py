@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from saliency_cache.cli import parse_storage_options
 from saliency_cache.errors import SatError
 
 
@@ -304,6 +305,8 @@ def precompute(**kw: Any) -> None:
 @click.option("--out", required=True, type=click.Path(), help="Run directory.")
 @click.option("--resume", is_flag=True, help="Continue from <out>/checkpoints/last.safetensors.")
 @click.option("--allow-partial", is_flag=True, help="Train on maps whose precompute is unfinished.")
+@click.option("-o", "--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
+              help="fsspec option for a remote store (repeatable; VALUE may be JSON).")
 @click.option("--json", "as_json", is_flag=True)
 def train(**kw: Any) -> None:
     """Train a student (SAT, PGD-SAT, TRADES-SAT or a baseline) from a store."""
@@ -325,7 +328,7 @@ def train(**kw: Any) -> None:
         val_split=kw["val_split"] or None, data=data, arch=kw["arch"], width=kw["width"],
         batch_size=kw["batch_size"], loop=loop, perturb=perturb, sat_reach_fraction=kw["sat_reach"],
         workers=kw["workers"], device=resolve_device(kw["device"]), resume=kw["resume"],
-        allow_partial=kw["allow_partial"],
+        allow_partial=kw["allow_partial"], storage_options=parse_storage_options(kw["storage_option"]),
     )
     res = run(cfg)
     f = res["final"]
@@ -348,6 +351,8 @@ def train(**kw: Any) -> None:
 @click.option("--max-samples", type=int, default=None)
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--no-alignment", is_flag=True)
+@click.option("-o", "--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
+              help="fsspec option for a remote store (repeatable; VALUE may be JSON).")
 @click.option("--arch", "expect_arch", default=None, help="Refuse a checkpoint of another architecture.")
 @click.option("--out", default=None, type=click.Path(), help="Output directory (default <run>/eval).")
 @click.option("--device", default="auto", show_default=True)
@@ -366,6 +371,7 @@ def eval_cmd(**kw: Any) -> None:
         data=data, split=kw["split"], map=kw["map"], max_samples=kw["max_samples"],
         batch_size=kw["batch_size"], alignment=not kw["no_alignment"], expect_arch=kw["expect_arch"],
         device=resolve_device(kw["device"]), seed=kw["seed"], show_progress=not kw["quiet"],
+        storage_options=parse_storage_options(kw["storage_option"]),
     )
     res = run(cfg)
     _echo_result(res, kw["as_json"], results_markdown(res))

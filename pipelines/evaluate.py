@@ -40,6 +40,7 @@ class EvalConfig:
     device: str = "cpu"
     seed: int = 0
     show_progress: bool = True
+    storage_options: dict[str, Any] | None = None  # fsspec options of a remote store
 
     def __post_init__(self) -> None:
         from trainer.attacks import parse_attack
@@ -97,7 +98,7 @@ def _eval_arrays(cfg: EvalConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     if cfg.store is not None:
         from saliency_cache.store import SaliencyStore
 
-        split = SaliencyStore.open(cfg.store, "r").split(cfg.split)
+        split = SaliencyStore.open(cfg.store, "r", storage_options=cfg.storage_options).split(cfg.split)
         stop = split.n if cfg.max_samples is None else min(split.n, cfg.max_samples)
         if not split.has_images():
             raise SatError(f"split {cfg.split!r} of {cfg.store} holds no images; evaluate with --dataset")

@@ -11,6 +11,8 @@ do not depend on how the work was split.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -42,7 +44,7 @@ class PrecomputeConfig:
     heat_threshold: float = 0.5  # binarise heatmaps at this fraction of the per-image max
     method_params: dict[str, Any] = field(default_factory=dict)  # e.g. {"n_steps": 32}
     chunk_size: int = 256  # samples per chunk (the unit of completion and of a read)
-    shard_chunks: int | None = None  # chunks per shard file (None: the store's default)
+    shard_chunks: int | None = None  # chunks per shard file = per task (None: see auto_shard_chunks)
     batch_size: int = 64  # teacher sub-batch inside a chunk (fixed, for identical bytes)
     workers: int = 1  # local dask workers (1 and 0 run in-process)
     scheduler: str | None = None  # address of an existing dask.distributed scheduler
@@ -91,6 +93,7 @@ class MapJob:
     data: DataSpec
     shard: int
     teacher: str | None = None
+    teacher_sha256: str | None = None  # of the checkpoint recorded in the map's provenance
     method: str | None = None
     method_params: dict[str, Any] = field(default_factory=dict)
     target_rule: str = "label"
@@ -105,7 +108,9 @@ class MapJob:
 
 # ---- worker side ---------------------------------------------------------------------------
 # Loaded objects are cached per worker process, so a teacher is loaded once per worker, not
-# once per task. Keys include the checkpoint path and device.
+# once per task. The keys carry what identifies the content (the checkpoint's sha256, the
+# split's fingerprint), not only paths: an in-process run and the workers of an existing
+# scheduler outlive one precompute, and a teacher retrained in place must not be served stale.
 _WORKER_CACHE: dict[tuple, Any] = {}
 
 
@@ -121,20 +126,100 @@ def _chunk_images(split, dataset, start: int, stop: int) -> np.ndarray:
     return np.asarray(dataset.load_images(start, stop), dtype=np.uint8)
 
 
+def _log_chunk(job: MapJob, k: int) -> None:
+    """Test hook: with ``SAT_CHUNK_LOG=<file>``, append ``<split>/<map> <chunk>`` per chunk computed.
+
+    The fault tests count computations with it (a resume must not recompute a done chunk);
+    one short O_APPEND write per line, so lines from several worker processes never mix.
+    """
+    path = os.environ.get("SAT_CHUNK_LOG")
+    if path:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{job.split}/{job.name} {k}\n".encode())
+        finally:
+            os.close(fd)
+
+
+# glibc malloc tuning for dask workers (see _tune_worker_malloc).
+_MMAP_THRESHOLD = 32 << 20  # allocations below this come from the heap, not a fresh mmap
+_TRIM_THRESHOLD = 128 << 20  # free heap kept before memory is handed back to the OS
+
+
+@functools.cache
+def _tune_worker_malloc() -> None:
+    """Keep a dask worker's freed tensors in its heap for the next batch (glibc only).
+
+    dask starts workers with ``MALLOC_TRIM_THRESHOLD_=65536`` so that they hand memory back
+    between tasks. Setting it also freezes glibc's mmap threshold at 128 KiB, so every
+    activation and gradient of a teacher pass becomes a fresh mmap, page faults and munmap:
+    guided backprop of a ResNet-10 then took 2-3x its in-process CPU time in a worker.
+    Raising both thresholds once per worker process removes that. Not done in-process, where
+    the caller's allocator is not ours to change; a no-op without glibc's ``mallopt``.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h> parameter numbers
+    mallopt(m_mmap_threshold, _MMAP_THRESHOLD)
+    mallopt(m_trim_threshold, _TRIM_THRESHOLD)
+
+
+def run_map_job_in_worker(job: MapJob) -> int:
+    """:func:`run_map_job` as a dask task: tunes the worker's allocator first."""
+    _tune_worker_malloc()
+    return run_map_job(job)
+
+
+def _load_teacher(job: MapJob, device):
+    """The teacher of ``job``, after checking that the file is the one recorded in provenance."""
+    from trainer.checkpoint import file_sha256, load_model
+
+    if job.teacher_sha256 is not None:
+        actual = file_sha256(job.teacher)
+        if actual != job.teacher_sha256:
+            raise SatError(
+                f"teacher checkpoint {job.teacher} changed since precompute planned map "
+                f"{job.name!r} (sha256 {actual[:12]}..., recorded {job.teacher_sha256[:12]}...); "
+                "run precompute again"
+            )
+    return load_model(job.teacher, device)[0]
+
+
 def run_map_job(job: MapJob) -> int:
-    """Compute and write every pending chunk of ``job.shard``; return how many were written."""
+    """Compute and write every pending chunk of ``job.shard``; return how many were written.
+
+    Computes with ``job.threads`` torch threads (the same in every process, so the bytes do
+    not depend on where a task runs) and restores the caller's thread count afterwards.
+    """
     import torch
 
+    previous = torch.get_num_threads()
     torch.set_num_threads(max(1, job.threads))
+    try:
+        return _run_map_job(job)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_map_job(job: MapJob) -> int:
+    import torch
+
     writer = SaliencyStore.attach_writer(job.store, job.split, job.name)
     done = writer.done_chunks()
     chunks = [k for k in writer.chunks_of_shard(job.shard) if not done[k]]
     if not chunks:
         return 0
-    st = SaliencyStore.open(job.store, "r")
-    split = st.split(job.split)
-    dataset = _cached(("data", job.data.name, job.data.root, repr(job.data.options), job.split),
-                      lambda: job.data.open(job.split))
+    split = writer.split  # the writer's own handle: no second open of the store per task
+    dataset = _cached(
+        ("data", job.data.name, job.data.root, repr(job.data.options), job.split, split.fingerprint),
+        lambda: job.data.open(job.split),
+    )
     labels = np.asarray(split.labels())
     written = 0
     if job.kind == "weak":
@@ -143,14 +228,15 @@ def run_map_job(job: MapJob) -> int:
         for k in chunks:
             s, e = writer.chunk_bounds(k)
             writer.write_chunk(k, weak_maps(dataset, s, e, source=job.weak_source))
+            _log_chunk(job, k)
             written += 1
         return written
 
-    from trainer.checkpoint import load_model
     from trainer.saliency import compute_maps, create_method
 
     device = torch.device(job.device)
-    model = _cached(("teacher", job.teacher, job.device), lambda: load_model(job.teacher, device)[0])
+    model = _cached(("teacher", job.teacher, job.teacher_sha256, job.device),
+                    lambda: _load_teacher(job, device))
     method = create_method(job.method, **job.method_params)
     for k in chunks:
         s, e = writer.chunk_bounds(k)
@@ -165,6 +251,7 @@ def run_map_job(job: MapJob) -> int:
             )
             parts.append(np.asarray(maps, dtype=np.int8))
         writer.write_chunk(k, np.concatenate(parts))
+        _log_chunk(job, k)
         written += 1
     return written
 
@@ -223,7 +310,8 @@ def _plan_maps(cfg: PrecomputeConfig, split_name: str, ds) -> list[tuple[str, di
             }
             plans.append(
                 (map_name_from_provenance(prov), prov, enc, map_channels(method, ds.image_shape[0]),
-                 {"kind": "teacher", "teacher": t, "method": m})
+                 {"kind": "teacher", "teacher": t, "method": m,
+                  "teacher_sha256": tprov["checkpoint_sha256"]})
             )
     names = [p[0] for p in plans]
     dup = {n for n in names if names.count(n) > 1}
@@ -238,39 +326,86 @@ def _method_params(cfg: PrecomputeConfig) -> dict[str, Any]:
     return {"seed": cfg.seed, "threshold": cfg.heat_threshold, **cfg.method_params}
 
 
+# A shard is the unit of a task (a task must own whole shards), so a map needs several of
+# them for the workers to share it: by default a map gets up to this many shards, each of at
+# most the store's DEFAULT_SHARD_CHUNKS chunks. It depends on the map's length only, never on
+# the worker count, so the layout (and every byte) is the same however the map was computed.
+TARGET_SHARDS = 16
+
+
+def auto_shard_chunks(n_chunks: int) -> int:
+    """Chunks per shard for a new map of ``n_chunks`` chunks when none is asked for.
+
+    ``ceil(n_chunks / 16)``, between 1 and 64: in chunks of 256, a 2,048-sample map gets 8
+    one-chunk shards and a 50,000-sample map 16 shards (15 of 13 chunks, 1 of 1). The store's
+    own default of 64 chunks per shard would make any map of up to 16,384 samples one task.
+    """
+    from saliency_cache.store import DEFAULT_SHARD_CHUNKS
+
+    return max(1, min(DEFAULT_SHARD_CHUNKS, math.ceil(n_chunks / TARGET_SHARDS)))
+
+
+def _shard_chunks(cfg: PrecomputeConfig, split, name: str) -> int | None:
+    if cfg.shard_chunks is not None:
+        return cfg.shard_chunks
+    if name in split.maps():
+        return None  # resume the map with the layout it was created with
+    return auto_shard_chunks(math.ceil(split.n / cfg.chunk_size))
+
+
+def _existing_client(address: str):
+    """This process's default dask client if it is connected to ``address`` (else None)."""
+    from dask.distributed import default_client
+
+    try:
+        client = default_client()
+    except ValueError:
+        return None
+    same = getattr(client.scheduler, "address", None) == address and client.status == "running"
+    return client if same else None
+
+
 def _client(cfg: PrecomputeConfig):
+    """(client, cluster to close or None, whether to close the client)."""
     from dask.distributed import Client, LocalCluster
 
     if cfg.scheduler:
+        # A notebook or script that already holds a client of that scheduler keeps it.
+        client = _existing_client(cfg.scheduler)
+        if client is not None:
+            return client, None, False
         try:
-            return Client(cfg.scheduler, timeout="10s"), None
+            return Client(cfg.scheduler, timeout="10s"), None, True
         except OSError as e:
             raise SatError(f"cannot reach dask scheduler {cfg.scheduler}: {e}") from None
     cluster = LocalCluster(
         n_workers=cfg.workers, threads_per_worker=1, processes=True,
         dashboard_address=None, silence_logs=40,
     )
-    return Client(cluster), cluster
+    return Client(cluster), cluster, True
 
 
 def run(cfg: PrecomputeConfig) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
+    ingest_s = 0.0  # ingesting splits and checking existing ones against the data
     st = SaliencyStore.open(cfg.store, "a")
     summary: dict[str, Any] = {"store": cfg.store, "splits": {}, "maps": []}
     jobs: list[MapJob] = []
     writers = []
     try:
         for split_name in cfg.splits:
+            t_ingest = time.perf_counter()
             ds, split = _ingest(st, cfg, split_name)
+            ingest_s += time.perf_counter() - t_ingest
             summary["splits"][split_name] = {"n": split.n, "fingerprint": split.fingerprint}
             if split_name not in cfg.map_splits:
                 continue
             for name, prov, enc, channels, kw in _plan_maps(cfg, split_name, ds):
                 w = split.create_map(
                     name, provenance=prov, encoding=enc, channels=channels,
-                    chunk_size=cfg.chunk_size, shard_chunks=cfg.shard_chunks,
+                    chunk_size=cfg.chunk_size, shard_chunks=_shard_chunks(cfg, split, name),
                 )
                 writers.append(w)
                 pending = set(w.pending_chunks())
@@ -293,14 +428,15 @@ def run(cfg: PrecomputeConfig) -> dict[str, Any]:
         else:
             from dask.distributed import as_completed
 
-            client, cluster = _client(cfg)
+            client, cluster, own_client = _client(cfg)
             try:
-                futures = client.map(run_map_job, jobs, pure=False)
+                futures = client.map(run_map_job_in_worker, jobs, pure=False)
                 for fut in as_completed(futures):
                     written += fut.result()
                     bar.update(1)
             finally:
-                client.close()
+                if own_client:
+                    client.close()
                 if cluster is not None:
                     cluster.close()
         bar.close()
@@ -311,7 +447,8 @@ def run(cfg: PrecomputeConfig) -> dict[str, Any]:
         for w in writers:
             w.close()
     summary.update(
-        chunks_written=written, seconds=time.perf_counter() - t0, config=config_dict(cfg),
+        chunks_written=written, seconds=time.perf_counter() - t0, seconds_ingest=ingest_s,
+        config=config_dict(cfg),
         git_sha=git_sha(),
     )
     if "://" not in cfg.store:

@@ -41,6 +41,7 @@ class TrainConfig:
     device: str = "cpu"
     resume: bool = False
     allow_partial: bool = False  # train on maps whose precompute has not finished
+    storage_options: dict[str, Any] | None = None  # fsspec options of a remote store (s3 keys...)
 
     def __post_init__(self) -> None:
         from trainer.models import list_models
@@ -82,6 +83,7 @@ def _init_distributed(device: str) -> tuple[int, int, str]:
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
+    from saliency_cache.store import SaliencyStore
     from trainer.loader import StoreStream, WorkerLoader
     from trainer.models import create_model
     from trainer.perturb import create_mode
@@ -96,25 +98,22 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.maps and not mode.multi_map and len(cfg.maps) > 1:
         raise SatError(f"training mode {cfg.mode!r} takes one map; use multi-sat for several")
     images_from = cfg.data.open(cfg.split) if cfg.data is not None else None
+    opts = cfg.storage_options
     stream = StoreStream(
         cfg.store, cfg.split, cfg.maps, batch_size=cfg.batch_size, shuffle=True,
         seed=cfg.loop.seed, buffer_blocks=cfg.buffer_blocks, images_from=images_from,
-        rank=rank, world_size=world, allow_partial=cfg.allow_partial,
+        rank=rank, world_size=world, allow_partial=cfg.allow_partial, storage_options=opts,
     )
     train = WorkerLoader(stream, cfg.workers)
+    st = SaliencyStore.open(cfg.store, "r", storage_options=opts)
     val = None
-    if cfg.val_split:
-        from saliency_cache.store import SaliencyStore
-
-        if cfg.val_split in SaliencyStore.open(cfg.store, "r").splits():
-            val_images = cfg.data.open(cfg.val_split) if cfg.data is not None else None
-            val = StoreStream(
-                cfg.store, cfg.val_split, (), batch_size=max(cfg.batch_size, 256), shuffle=False,
-                images_from=val_images, rank=rank, world_size=world,
-            )
-    from saliency_cache.store import SaliencyStore
-
-    split = SaliencyStore.open(cfg.store, "r").split(cfg.split)
+    if cfg.val_split and cfg.val_split in st.splits():
+        val_images = cfg.data.open(cfg.val_split) if cfg.data is not None else None
+        val = StoreStream(
+            cfg.store, cfg.val_split, (), batch_size=max(cfg.batch_size, 256), shuffle=False,
+            images_from=val_images, rank=rank, world_size=world, storage_options=opts,
+        )
+    split = st.split(cfg.split)
     torch.manual_seed(cfg.loop.seed)  # model initialisation, identical on every rank
     model = create_model(
         cfg.arch, split.num_classes, width=cfg.width, in_channels=int(split.image_shape[0])

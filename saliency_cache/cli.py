@@ -40,7 +40,7 @@ def cache() -> None:
 
 
 # ---- shared helpers ------------------------------------------------------------------------
-def _storage_options(items: tuple[str, ...]) -> dict[str, Any] | None:
+def parse_storage_options(items: tuple[str, ...]) -> dict[str, Any] | None:
     opts: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
@@ -81,7 +81,7 @@ def _split_option(f):
 def _open(store: str, storage_option: tuple[str, ...]):
     from saliency_cache.store import SaliencyStore
 
-    return SaliencyStore.open(store, "r", storage_options=_storage_options(storage_option))
+    return SaliencyStore.open(store, "r", storage_options=parse_storage_options(storage_option))
 
 
 def _resolve(st, split_name: str | None, map_arg: str | None):
@@ -500,7 +500,7 @@ def copy_cmd(
     res = copy_store(
         src,
         dst,
-        src_options=_storage_options(storage_option),
+        src_options=parse_storage_options(storage_option),
         dst_options=_dst_options(dst_option),
         overwrite=overwrite,
         splits=splits or None,
@@ -520,6 +520,6 @@ def copy_cmd(
 
 def _dst_options(items: tuple[str, ...]) -> dict[str, Any] | None:
     try:
-        return _storage_options(items)
+        return parse_storage_options(items)
     except SatError as e:
         raise SatError(str(e).replace("--storage-option", "--dst-option")) from None
