@@ -134,7 +134,12 @@ def map_name_from_provenance(prov: Mapping[str, Any]) -> str:
         raise SatError(
             f"teacher provenance needs teacher_arch and method, got arch={arch!r} method={method!r}"
         )
-    parts = [str(arch).lower(), MODE_SHORT.get(str(mode), str(mode or "unknown")), str(method)]
+    # "++" would sanitise to "_"; spell it "pp" so gradcam++ stays distinct and readable.
+    parts = [
+        str(arch).lower(),
+        MODE_SHORT.get(str(mode), str(mode or "unknown")),
+        str(method).replace("++", "pp"),
+    ]
     if prov.get("target_rule") == "argmax":
         parts.append("argmax")
     return sanitize_map_name("-".join(parts))

@@ -171,8 +171,8 @@ def test_cli_writes_one_map_per_teacher_method_and_weak_source(teachers, tmp_pat
     gradcampp = create_method("gradcam++").name
     names = {
         "resnet10-std-gbp": ("standard", "gbp"), "resnet10-adv-gbp": ("adversarial", "gbp"),
-        "resnet10-std-gradcam_": ("standard", gradcampp),
-        "resnet10-adv-gradcam_": ("adversarial", gradcampp),
+        "resnet10-std-gradcampp": ("standard", gradcampp),
+        "resnet10-adv-gradcampp": ("adversarial", gradcampp),
     }
     assert sorted(sp.maps()) == sorted([*names, "box", "mask"])
 
