@@ -14,22 +14,11 @@ from typing import Any
 
 import click
 
-from saliency_cache.cli import parse_storage_options
+from saliency_cache.cli import ErrorReportingGroup, cache, parse_storage_options
 from saliency_cache.errors import SatError
 
 
-class SatGroup(click.Group):
-    """A click group that reports :class:`SatError` as ``error: ...`` with exit code 2."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except SatError as e:
-            click.echo(f"error: {e}", err=True)
-            ctx.exit(2)
-
-
-@click.group(cls=SatGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ErrorReportingGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="sat-pipeline")
 def main() -> None:
     """Saliency-based adversarial training: precompute saliency maps into a store, train, evaluate."""
@@ -57,7 +46,7 @@ def _config_keys(ctx: click.Context) -> tuple[dict[str, str], list[str]]:
 
 def _load_config_file(ctx: click.Context, _param, value):
     # Raised as SatError (not click.BadParameter) so a bad config file gets the one-line
-    # `error: ...` of every other user error; SatGroup catches it while parsing the command.
+    # `error: ...` of every other user error; ErrorReportingGroup catches it while parsing the command.
     if value:
         from pipelines.common import load_yaml_defaults
 
@@ -461,13 +450,7 @@ def list_cmd(what: str) -> None:
     click.echo("\n".join(f()))
 
 
-def _attach() -> None:
-    from saliency_cache.cli import cache
-
-    main.add_command(cache)
-
-
-_attach()
+main.add_command(cache)
 
 
 if __name__ == "__main__":  # pragma: no cover

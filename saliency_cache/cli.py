@@ -20,8 +20,11 @@ from saliency_cache.errors import SatError
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 
-class _CacheGroup(click.Group):
-    """Reports SatError (and OS errors reaching a store) as ``error: ...`` with exit code 2."""
+class ErrorReportingGroup(click.Group):
+    """Reports SatError (and OS errors reaching a store) as ``error: ...`` with exit code 2.
+
+    Used by ``sat`` and by ``sat cache``, so the cache group behaves the same when run alone.
+    """
 
     def invoke(self, ctx: click.Context):
         try:
@@ -34,7 +37,7 @@ class _CacheGroup(click.Group):
             ctx.exit(2)
 
 
-@click.group(name="cache", cls=_CacheGroup, context_settings=_CONTEXT)
+@click.group(name="cache", cls=ErrorReportingGroup, context_settings=_CONTEXT)
 def cache() -> None:
     """Inspect a saliency store: list, describe, count, draw and verify its maps."""
 

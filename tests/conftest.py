@@ -9,6 +9,18 @@ import pytest
 
 
 @pytest.fixture
+def one_thread():
+    """Run a test with one torch thread: its tensors are tiny, and extra intra-op threads only
+    contend with the other tests on a 2-core machine. Restores the thread count afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def make_split(tmp_path: Path):
     """Factory: a fresh store holding one split of random uint8 images and labels.
 

@@ -34,13 +34,7 @@ SPECS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tensors here are tiny; extra intra-op threads only contend with parallel test runs.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_net(classes=4, seed=0, bn=True, gain=1.0):

@@ -21,13 +21,7 @@ from trainer.perturb import (
 EPS0 = 8 / 255
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tensors here are tiny; extra intra-op threads only contend with parallel test runs.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_net(classes=3, channels=3, seed=0, bn=True):

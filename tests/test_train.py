@@ -24,12 +24,7 @@ TIMES = ("epoch_time_s", "images_per_s")
 ROW_KEYS = {"epoch", "loss", "train_acc", "val_acc", "val_robust_acc", *TIMES}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
