@@ -257,10 +257,9 @@ def _run_map_job(job: MapJob) -> int:
 
 
 # ---- coordinator side ----------------------------------------------------------------------
-def _ingest(st: SaliencyStore, cfg: PrecomputeConfig, split_name: str):
+def _ingest(st: SaliencyStore, cfg: PrecomputeConfig, split_name: str, ds):
     from tqdm.auto import tqdm
 
-    ds = cfg.data.open(split_name)
     split = st.create_split(
         split_name, labels=np.asarray(ds.labels(), dtype=np.int64), ids=ds.ids(),
         fingerprint=ds.fingerprint(), image_shape=tuple(ds.image_shape),
@@ -390,6 +389,9 @@ def run(cfg: PrecomputeConfig) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     ingest_s = 0.0  # ingesting splits and checking existing ones against the data
+    # Open every split first: a missing folder or a bad annotation file is then reported
+    # before anything is created at the store location.
+    datasets = {name: cfg.data.open(name) for name in cfg.splits}
     st = SaliencyStore.open(cfg.store, "a")
     summary: dict[str, Any] = {"store": cfg.store, "splits": {}, "maps": []}
     jobs: list[MapJob] = []
@@ -397,7 +399,7 @@ def run(cfg: PrecomputeConfig) -> dict[str, Any]:
     try:
         for split_name in cfg.splits:
             t_ingest = time.perf_counter()
-            ds, split = _ingest(st, cfg, split_name)
+            ds, split = _ingest(st, cfg, split_name, datasets[split_name])
             ingest_s += time.perf_counter() - t_ingest
             summary["splits"][split_name] = {"n": split.n, "fingerprint": split.fingerprint}
             if split_name not in cfg.map_splits:
