@@ -9,7 +9,7 @@ SHARED_DATA ?= ../shared/data
 DATA_DIR ?= data
 
 .PHONY: install test test-all lint bench bench-store bench-precompute bench-train data clean lock \
-        demo teacher precompute train eval report repro-tiny
+        demo teacher precompute train eval report repro-tiny check-data
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -66,15 +66,16 @@ $(DATA_DIR)/tiny-imagenet-20/wnids.txt:
 	  echo "no $(SHARED_DATA)/tiny-imagenet-20.tar.gz: set DATA= to your Tiny ImageNet folder"; exit 2; }
 	mkdir -p $(DATA_DIR) && tar -xzf $(SHARED_DATA)/tiny-imagenet-20.tar.gz -C $(DATA_DIR)
 
-$(DATA)/.exists: | $(STAMP)
+# Extracts the shared Tiny ImageNet when DATA points at the default location and is missing.
+check-data:
 	@test -e $(DATA) || $(MAKE) --no-print-directory $(DATA_DIR)/tiny-imagenet-20/wnids.txt
 	@test -e $(DATA) || { echo "dataset folder $(DATA) not found"; exit 2; }
 
-teacher: $(STAMP) $(DATA)/.exists
+teacher: $(STAMP) check-data
 	$(SAT) teacher $(DATA_ARGS) --arch resnet10 --width $(WIDTH) --mode $(TEACHER_MODE) \
 	  --epochs $(TEACHER_EPOCHS) --device $(DEVICE) --out $(RUN)/teachers/$(TEACHER_MODE)
 
-precompute: $(STAMP) $(DATA)/.exists
+precompute: $(STAMP) check-data
 	@test -f $(TEACHER_CKPT) || $(MAKE) --no-print-directory teacher
 	$(SAT) precompute $(DATA_ARGS) --store $(RUN)/store.zarr --teacher $(TEACHER_CKPT) \
 	  --method gbp --weak $(WEAK) --workers $(WORKERS)
@@ -92,10 +93,10 @@ eval: $(STAMP)
 	  --attacks pgd5,pgd20,pgd40,uniform,trades,saliency --eps 1,2,3,4 --device $(DEVICE)
 
 report: $(STAMP)
-	$(SAT) report $(wildcard $(RUN)/*/eval/..) --out $(RUN)/report
+	$(SAT) report $(patsubst %/eval/results.json,%,$(wildcard $(RUN)/*/eval/results.json)) --out $(RUN)/report
 
 # The real-data comparison of docs/RESULTS.md (Tiny ImageNet-20, boxes as weak saliency).
-repro-tiny: $(STAMP) $(DATA)/.exists
+repro-tiny: $(STAMP) check-data
 	$(SAT) compare --preset tiny --data-root $(DATA) --device $(DEVICE) --out $(RUN)/repro
 
 data:
