@@ -77,7 +77,7 @@ teacher: $(STAMP) check-data
 
 precompute: $(STAMP) check-data
 	@test -f $(TEACHER_CKPT) || $(MAKE) --no-print-directory teacher
-	$(SAT) precompute $(DATA_ARGS) --store $(RUN)/store.zarr --teacher $(TEACHER_CKPT) \
+	$(SAT) precompute $(DATA_ARGS) --store $(RUN)/store.zarr --teacher $(TEACHER_CKPT) --device $(DEVICE) \
 	  --method gbp --weak $(WEAK) --workers $(WORKERS)
 	$(SAT) cache verify $(RUN)/store.zarr
 	$(SAT) cache ls $(RUN)/store.zarr

@@ -242,7 +242,7 @@ def teacher(**kw: Any) -> None:
 @click.option("--workers", type=int, default=1, show_default=True, help="Local dask workers.")
 @click.option("--scheduler", default=None, help="Address of an existing dask scheduler.")
 @click.option("--threads-per-worker", type=int, default=1, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto (maps are byte-identical only on the same device type).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
@@ -381,7 +381,7 @@ def report(runs: tuple[str, ...], out: str, title: str, as_json: bool) -> None:
 
 @main.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path())
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--workers", type=int, default=2, show_default=True, help="Dask workers for precompute.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo(out: str, device: str, workers: int, quiet: bool) -> None:
