@@ -356,3 +356,27 @@ def test_map_decoder_inverts_the_store_packing(encoding, shape):
     np.testing.assert_array_equal(
         MapDecoder(MapSpec("m", encoding, shape))(packed[:0]).numpy(), values[:0]
     )
+
+
+def test_default_buffer_mixes_a_class_sorted_store(tmp_path):
+    """Stores keep the dataset order, often sorted by class; the default shuffle buffer must
+    still give batches that mix the classes (a few-block buffer gave 1-2 classes per batch)."""
+    from saliency_cache.store import SaliencyStore
+
+    n, classes, cs = 256, 8, 16  # 16 blocks, each holding a single class
+    labels = np.repeat(np.arange(classes), n // classes).astype(np.int64)
+    st = SaliencyStore.open(tmp_path / "sorted.zarr", "a")
+    sp = st.create_split(
+        "train", labels=labels, ids=[str(i) for i in range(n)], fingerprint="sorted",
+        image_shape=(3, 4, 4), num_classes=classes, chunk_size=cs, with_images=True,
+    )
+    for s in range(0, n, cs):
+        sp.write_images(s, np.zeros((cs, 3, 4, 4), np.uint8))
+    sp.mark_images_complete()
+    per_batch = [
+        len(np.unique(b.labels.numpy()))
+        for b in StoreStream(tmp_path / "sorted.zarr", "train", batch_size=32, seed=0).iter_epoch(0)
+    ]
+    assert min(per_batch) >= 6, per_batch
+    few = StoreStream(tmp_path / "sorted.zarr", "train", batch_size=32, seed=0, buffer_blocks=1)
+    assert max(len(np.unique(b.labels.numpy())) for b in few.iter_epoch(0)) <= 2

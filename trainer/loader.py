@@ -10,6 +10,9 @@ whole blocks the ranks with fewer blocks would cap everyone's epoch (dropping up
 per rank).
 Each worker reads ``buffer_blocks`` pieces at a time, shuffles the samples inside that buffer
 and emits batches. Every sample is read exactly once per epoch across all ranks and workers.
+By default the buffer is as many blocks as fit in ``buffer_mb`` of memory: stores keep the
+dataset's order, which is often sorted by class (Tiny ImageNet, ImageFolder), and a buffer of
+a few blocks would then give batches of a few classes only, which trains badly.
 
 Maps leave the loader still bit-packed (uint8); :meth:`StoreStream.decode_maps` unpacks them
 on the training device with a 256-entry lookup table, which costs one gather per batch.
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from saliency_cache.encoding import lookup_table
+from saliency_cache.encoding import lookup_table, packed_nbytes
 from saliency_cache.errors import CorruptChunkError, MismatchError, SatError
 from saliency_cache.store import SaliencyStore
 from trainer.loop import Batch, epoch_seed
@@ -89,6 +92,8 @@ class StoreStream(torch.utils.data.IterableDataset):
         map_names: maps to stream with every sample (empty for baselines).
         batch_size: samples per batch.
         shuffle: shuffle blocks and samples within a buffer of ``buffer_blocks`` blocks.
+        buffer_blocks: blocks shuffled together; None sizes the buffer to ``buffer_mb``.
+        buffer_mb: memory budget of the shuffle buffer (images + packed maps) per worker.
         seed: seeds the order; the order of epoch ``e`` depends only on ``(seed, e)``.
         images_from: an ``ImageDataset`` supplying images when the store has none; its
             fingerprint must match the split's.
@@ -106,7 +111,8 @@ class StoreStream(torch.utils.data.IterableDataset):
         batch_size: int = 128,
         shuffle: bool = True,
         seed: int = 0,
-        buffer_blocks: int = 4,
+        buffer_blocks: int | None = None,
+        buffer_mb: float = 512.0,
         images_from=None,
         expect_fingerprint: str | None = None,
         rank: int = 0,
@@ -122,7 +128,6 @@ class StoreStream(torch.utils.data.IterableDataset):
         self.store_url, self.split_name = str(store), split
         self.map_names = list(map_names)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-        self.buffer_blocks = max(1, buffer_blocks)
         self.rank, self.world_size = rank, world_size
         self.storage_options = storage_options
         self.allow_partial = allow_partial
@@ -171,6 +176,12 @@ class StoreStream(torch.utils.data.IterableDataset):
                 )
             self.specs.append(MapSpec(name, reader.encoding, shape))
         self.decoders = [MapDecoder(s) for s in self.specs]
+        if buffer_blocks is None:
+            row_bytes = int(np.prod(self.image_shape)) + sum(
+                packed_nbytes(sp_.shape, sp_.encoding) for sp_ in self.specs
+            )
+            buffer_blocks = int(buffer_mb * 2**20 // max(1, row_bytes * self.chunk_size))
+        self.buffer_blocks = max(1, int(buffer_blocks))
         self.blocks = np.flatnonzero(usable).tolist()  # blocks whose maps are all written
         if not self.blocks:
             raise SatError(f"no chunk of maps {self.map_names} is complete yet")
