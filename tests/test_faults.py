@@ -304,8 +304,9 @@ def test_killed_training_resumes_to_the_same_result(train_store, tmp_path):
     run = subprocess.Popen([*args, "--out", str(run_dir)], env=_env(), text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        # The first epoch's row is logged after its checkpoint: kill right after it.
-        _wait_for("the first epoch", lambda: _rows(run_dir), [run], every=0.01)
+        # The first epoch's checkpoint is written after its metrics row: kill right after it.
+        last = run_dir / "checkpoints" / "last.safetensors"
+        _wait_for("the first checkpoint", last.exists, [run], every=0.01)
     finally:
         run.kill()
         run.communicate()

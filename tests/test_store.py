@@ -758,7 +758,7 @@ def test_map_name_from_provenance():
         map_name_from_provenance(
             {**PROV, "teacher_arch": "ResNet34", "teacher_mode": "standard", "method": "grad cam++"}
         )
-        == "resnet34-std-grad_cam_"
+        == "resnet34-std-grad_campp"
     )
     assert map_name_from_provenance({**PROV, "target_rule": "argmax"}) == "resnet10-adv-gbp-argmax"
     assert map_name_from_provenance({"source": "mask"}) == "mask"
