@@ -171,7 +171,7 @@ def _overlays(store: Path, names: list[str], out: Path) -> list[str]:
 # ---- presets -------------------------------------------------------------------------------
 def demo_config(out: str = "runs/demo", device: str = "cpu", **overrides: Any) -> CompareConfig:
     """Synthetic shapes with exact masks: everything from teachers to tables in minutes on a CPU."""
-    data = DataSpec("synthetic", None, {"n": 3000, "n_val": 500, "image_size": 32,
+    data = DataSpec("synthetic", None, {"n": 2000, "n_val": 500, "image_size": 32,
                                         "num_classes": 6, "seed": 0})
     students = (
         Student("original", "standard"),
@@ -180,8 +180,8 @@ def demo_config(out: str = "runs/demo", device: str = "cpu", **overrides: Any) -
         Student("pgd", "pgd"),
         Student("pgd-sat", "pgd-sat", ("adversarial/gbp",)),
     )
-    base = dict(out=out, data=data, students=students, device=device, teacher_epochs=5,
-                student_epochs=12, title="Demo: SAT on synthetic shapes (ResNet-10, width 8)")
+    base = dict(out=out, data=data, students=students, device=device, teacher_epochs=4,
+                student_epochs=10, title="Demo: SAT on synthetic shapes (ResNet-10, width 8)")
     return CompareConfig(**{**base, **overrides})
 
 
