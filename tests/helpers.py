@@ -219,3 +219,12 @@ def add_random_map(
         if not skip:
             assert w.finalize()
     return name
+
+
+def corrupt_chunk(shard: Path, k: int, chunks_per_shard: int) -> None:
+    """Flip one byte inside inner chunk ``k`` of a shard (located through the shard index)."""
+    raw = bytearray(shard.read_bytes())
+    index = np.frombuffer(bytes(raw[-(16 * chunks_per_shard + 4) : -4]), dtype="<u8").reshape(-1, 2)
+    offset, nbytes = (int(v) for v in index[k])
+    raw[offset + nbytes // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))

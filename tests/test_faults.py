@@ -29,7 +29,7 @@ from pipelines.cli import main
 from saliency_cache.errors import CorruptChunkError, IncompleteMapError, SatError
 from saliency_cache.store import LOCK_NAME, SaliencyStore
 from saliency_cache.verify import verify
-from tests.helpers import MASK, add_random_map, make_store, teacher_provenance
+from tests.helpers import MASK, add_random_map, corrupt_chunk, make_store, teacher_provenance
 from trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from trainer.loader import StoreStream
 
@@ -61,15 +61,6 @@ def _wait_for(what: str, cond, procs=(), timeout: float = TIMEOUT, every: float 
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(every)
-
-
-def _corrupt_chunk(shard: Path, k: int, chunks_per_shard: int) -> None:
-    """Flip one byte inside inner chunk ``k`` of a shard (located through the shard index)."""
-    raw = bytearray(shard.read_bytes())
-    index = np.frombuffer(bytes(raw[-(16 * chunks_per_shard + 4) : -4]), dtype="<u8").reshape(-1, 2)
-    offset, nbytes = (int(v) for v in index[k])
-    raw[offset + nbytes // 2] ^= 0xFF
-    shard.write_bytes(bytes(raw))
 
 
 def _one_line_error(res) -> str:
@@ -243,7 +234,7 @@ def train_store(tmp_path_factory):
 def test_corrupt_chunk_is_named_and_training_refuses(train_store, tmp_path):
     store = tmp_path / "store.zarr"
     shutil.copytree(train_store.path, store)
-    _corrupt_chunk(store / "train" / "maps" / MASK / "data" / "c" / "2" / "0", 1, 2)  # chunk 5
+    corrupt_chunk(store / "train" / "maps" / MASK / "data" / "c" / "2" / "0", 1, 2)  # chunk 5
 
     res = CliRunner().invoke(main, ["cache", "verify", str(store)])
     assert res.exit_code == 1, res.output
@@ -270,7 +261,7 @@ def test_stream_accepts_a_clean_partial_map(tmp_path):
     name = add_random_map(st, "train", teacher_provenance(), skip_chunks=[1], seed=3)
     stream = StoreStream(st.path, "train", [name], batch_size=16, allow_partial=True)
     assert stream.num_samples == 48
-    _corrupt_chunk(Path(st.path) / "train" / "maps" / name / "data" / "c" / "1" / "0", 0, 2)
+    corrupt_chunk(Path(st.path) / "train" / "maps" / name / "data" / "c" / "1" / "0", 0, 2)
     with pytest.raises(CorruptChunkError, match="chunk 2"):
         StoreStream(st.path, "train", [name], batch_size=16, allow_partial=True)
 

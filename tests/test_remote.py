@@ -41,7 +41,14 @@ from saliency_cache.errors import (
 )
 from saliency_cache.store import LOCK_NAME, MANIFEST_NAME, SaliencyStore
 from saliency_cache.verify import verify
-from tests.helpers import GBP_TERNARY, MASK, add_random_map, make_store, teacher_provenance
+from tests.helpers import (
+    GBP_TERNARY,
+    MASK,
+    add_random_map,
+    corrupt_chunk,
+    make_store,
+    teacher_provenance,
+)
 from trainer.checkpoint import load_checkpoint
 from trainer.loader import StoreStream
 
@@ -120,15 +127,6 @@ def serve(directory: Path, *, listings: bool = True, ranges: bool = True):
 # ---- shared data --------------------------------------------------------------------------
 def _files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
-
-
-def _corrupt_chunk(shard: Path, k: int, chunks_per_shard: int) -> None:
-    """Flip one byte inside inner chunk ``k`` of a shard (located through the shard index)."""
-    raw = bytearray(shard.read_bytes())
-    index = np.frombuffer(bytes(raw[-(16 * chunks_per_shard + 4) : -4]), dtype="<u8").reshape(-1, 2)
-    offset, nbytes = (int(v) for v in index[k])
-    raw[offset + nbytes // 2] ^= 0xFF
-    shard.write_bytes(bytes(raw))
 
 
 @pytest.fixture(scope="module")
@@ -375,7 +373,7 @@ def test_copy_refuses_partial_maps_unless_allowed(tmp_path):
 def test_copy_of_a_corrupt_store_fails_verification(origin, tmp_path):
     src = tmp_path / "src.zarr"
     copy_store(origin, src)
-    _corrupt_chunk(src / "train" / "maps" / GBP_TERNARY / "data" / "c" / "1" / "0", 1, 2)
+    corrupt_chunk(src / "train" / "maps" / GBP_TERNARY / "data" / "c" / "1" / "0", 1, 2)
     with pytest.raises(CopyError, match=rf"{GBP_TERNARY} chunk 3: corrupt"):
         copy_store(src, tmp_path / "copy.zarr")
 
