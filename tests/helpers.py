@@ -228,3 +228,12 @@ def corrupt_chunk(shard: Path, k: int, chunks_per_shard: int) -> None:
     offset, nbytes = (int(v) for v in index[k])
     raw[offset + nbytes // 2] ^= 0xFF
     shard.write_bytes(bytes(raw))
+
+
+def one_line_error(res) -> str:
+    """Assert a click result is a user error: exit 2, one ``error:`` line, no traceback."""
+    assert res.exit_code == 2, (res.exit_code, res.output)
+    assert "Traceback" not in res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    return lines[0]

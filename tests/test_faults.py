@@ -29,7 +29,14 @@ from pipelines.cli import main
 from saliency_cache.errors import CorruptChunkError, IncompleteMapError, SatError
 from saliency_cache.store import LOCK_NAME, SaliencyStore
 from saliency_cache.verify import verify
-from tests.helpers import MASK, add_random_map, corrupt_chunk, make_store, teacher_provenance
+from tests.helpers import (
+    MASK,
+    add_random_map,
+    corrupt_chunk,
+    make_store,
+    one_line_error,
+    teacher_provenance,
+)
 from trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from trainer.loader import StoreStream
 
@@ -61,14 +68,6 @@ def _wait_for(what: str, cond, procs=(), timeout: float = TIMEOUT, every: float 
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(every)
-
-
-def _one_line_error(res) -> str:
-    assert res.exit_code == 2, (res.exit_code, res.output)
-    assert "Traceback" not in res.output
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    return lines[0]
 
 
 # ---- precompute ---------------------------------------------------------------------------
@@ -246,7 +245,7 @@ def test_corrupt_chunk_is_named_and_training_refuses(train_store, tmp_path):
         "train", "--store", str(store), "--mode", "sat", "--map", MASK, "--epochs", "1",
         "--width", "4", "--device", "cpu", "--out", str(out), "--quiet",
     ])
-    line = _one_line_error(res)
+    line = one_line_error(res)
     assert f"map '{MASK}'" in line and "chunk 5" in line and "corrupt" in line, line
     assert not out.exists()  # refused before the run directory was made
 

@@ -47,6 +47,7 @@ from tests.helpers import (
     add_random_map,
     corrupt_chunk,
     make_store,
+    one_line_error,
     teacher_provenance,
 )
 from trainer.checkpoint import load_checkpoint
@@ -174,14 +175,6 @@ def _cli(group, args: list[str]):
     return CliRunner().invoke(group, args)
 
 
-def _one_line_error(res) -> str:
-    assert res.exit_code == 2, (res.exit_code, res.output)
-    assert "Traceback" not in res.output
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    return lines[0]
-
-
 # ---- HTTP ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("host", ["listing", "static"])
 def test_http_consumer_reads_the_store_read_only(origin, tmp_path, host):
@@ -267,7 +260,7 @@ def test_http_without_listings_or_manifest(origin):
         with pytest.raises(SatError, match="no directory listings.*sat cache copy"):
             remote.splits()
         for cmd in ("ls", "verify"):
-            line = _one_line_error(_cli(cache, [cmd, url]))
+            line = one_line_error(_cli(cache, [cmd, url]))
             assert MANIFEST_NAME in line
         with pytest.raises(SatError, match="no directory listings"):
             copy_store(url, origin.parent / "never.zarr")
@@ -383,7 +376,7 @@ def test_copy_cli(origin, tmp_path):
     res = _cli(cache, ["copy", str(origin), str(dst), "--quiet"])
     assert res.exit_code == 0, res.output
     assert "verified" in res.stdout and verify(SaliencyStore.open(dst)) == []
-    line = _one_line_error(_cli(cache, ["copy", str(origin), str(dst)]))
+    line = one_line_error(_cli(cache, ["copy", str(origin), str(dst)]))
     assert "not empty" in line and "--overwrite" in line
     res = _cli(main, ["cache", "copy", str(origin), str(dst), "--overwrite", "--json"])
     assert res.exit_code == 0, res.output
@@ -392,7 +385,7 @@ def test_copy_cli(origin, tmp_path):
     junk = tmp_path / "notes"
     junk.mkdir()
     (junk / "todo.txt").write_text("keep me")
-    line = _one_line_error(_cli(cache, ["copy", str(origin), str(junk), "--overwrite"]))
+    line = one_line_error(_cli(cache, ["copy", str(origin), str(junk), "--overwrite"]))
     assert "not a saliency store" in line and (junk / "todo.txt").read_text() == "keep me"
 
     cases = [
@@ -404,7 +397,7 @@ def test_copy_cli(origin, tmp_path):
         ([str(origin), str(tmp_path / "y.zarr"), "--map", "nope"], "no map 'nope'"),
     ]
     for args, expect in cases:
-        assert expect in _one_line_error(_cli(cache, ["copy", *args])), args
+        assert expect in one_line_error(_cli(cache, ["copy", *args])), args
     assert not (tmp_path / "y.zarr").exists()
 
 
@@ -476,7 +469,7 @@ def test_s3_copy_cli_refuses_and_overwrites(origin, s3):
     dst_opts = _s3_cli_options(options, "--dst-option")
     res = _cli(cache, ["copy", str(origin), url, *dst_opts, "--quiet"])
     assert res.exit_code == 0, res.output
-    assert "not empty" in _one_line_error(_cli(cache, ["copy", str(origin), url, *dst_opts]))
+    assert "not empty" in one_line_error(_cli(cache, ["copy", str(origin), url, *dst_opts]))
     args = ["copy", str(origin), url, *dst_opts, "--overwrite", "--map", MASK, "--quiet"]
     res = _cli(cache, args)
     assert res.exit_code == 0, res.output
@@ -486,7 +479,7 @@ def test_s3_copy_cli_refuses_and_overwrites(origin, s3):
     import s3fs
 
     s3fs.S3FileSystem(**options).pipe(f"{bucket}/notes/todo.txt", b"keep me")
-    line = _one_line_error(
+    line = one_line_error(
         _cli(cache, ["copy", str(origin), f"s3://{bucket}/notes", *dst_opts, "--overwrite"])
     )
     assert "not a saliency store" in line
