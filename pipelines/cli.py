@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from pipelines.common import tune_allocator
 from saliency_cache.cli import ErrorReportingGroup, cache, parse_storage_options
 from saliency_cache.errors import SatError
 
@@ -22,6 +23,7 @@ from saliency_cache.errors import SatError
 @click.version_option(package_name="sat-pipeline")
 def main() -> None:
     """Saliency-based adversarial training: precompute saliency maps into a store, train, evaluate."""
+    tune_allocator()
 
 
 # ---- shared option groups ------------------------------------------------------------------
