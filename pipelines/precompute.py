@@ -11,7 +11,6 @@ do not depend on how the work was split.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import time
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.common import DataSpec, config_dict, git_sha, write_json
+from pipelines.common import DataSpec, config_dict, git_sha, tune_allocator, write_json
 from saliency_cache.errors import SatError
 from saliency_cache.store import SaliencyStore, map_name_from_provenance, sanitize_map_name
 
@@ -104,6 +103,9 @@ class MapJob:
     device: str = "cpu"
     seed: int = 0
     threads: int = 1
+    # Read the next chunk's images and write the last chunk's maps on a second thread while
+    # the teacher computes: set where a core (or the CPU beside a GPU) would otherwise idle.
+    overlap_io: bool = False
 
 
 # ---- worker side ---------------------------------------------------------------------------
@@ -141,38 +143,9 @@ def _log_chunk(job: MapJob, k: int) -> None:
             os.close(fd)
 
 
-# glibc malloc tuning for dask workers (see _tune_worker_malloc).
-_MMAP_THRESHOLD = 32 << 20  # allocations below this come from the heap, not a fresh mmap
-_TRIM_THRESHOLD = 128 << 20  # free heap kept before memory is handed back to the OS
-
-
-@functools.cache
-def _tune_worker_malloc() -> None:
-    """Keep a dask worker's freed tensors in its heap for the next batch (glibc only).
-
-    dask starts workers with ``MALLOC_TRIM_THRESHOLD_=65536`` so that they hand memory back
-    between tasks. Setting it also freezes glibc's mmap threshold at 128 KiB, so every
-    activation and gradient of a teacher pass becomes a fresh mmap, page faults and munmap:
-    guided backprop of a ResNet-10 then took 2-3x its in-process CPU time in a worker.
-    Raising both thresholds once per worker process removes that. Not done in-process, where
-    the caller's allocator is not ours to change; a no-op without glibc's ``mallopt``.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h> parameter numbers
-    mallopt(m_mmap_threshold, _MMAP_THRESHOLD)
-    mallopt(m_trim_threshold, _TRIM_THRESHOLD)
-
-
 def run_map_job_in_worker(job: MapJob) -> int:
     """:func:`run_map_job` as a dask task: tunes the worker's allocator first."""
-    _tune_worker_malloc()
+    tune_allocator()
     return run_map_job(job)
 
 
@@ -192,68 +165,156 @@ def _load_teacher(job: MapJob, device):
 
 
 def run_map_job(job: MapJob) -> int:
-    """Compute and write every pending chunk of ``job.shard``; return how many were written.
+    """Compute and write every pending chunk of ``job.shard``; return how many were written."""
+    return run_map_jobs([job])
 
-    Computes with ``job.threads`` torch threads (the same in every process, so the bytes do
-    not depend on where a task runs) and restores the caller's thread count afterwards.
+
+def run_map_jobs(jobs: list[MapJob], on_job_done=None, writers: dict | None = None) -> int:
+    """Compute and write every pending chunk of each job, in order; return how many were written.
+
+    Computes with the jobs' torch thread count (the same in every process, so the bytes do
+    not depend on where a task runs) and restores the caller's afterwards. With
+    :attr:`MapJob.overlap_io` the chunks of all the jobs form one pipeline (see
+    :func:`_pipeline`). ``on_job_done()`` is called once per job, when its chunks are written.
+    ``writers`` maps (split, map name) to the coordinator's own writer, which an in-process
+    run uses instead of opening the store again for every job.
     """
     import torch
 
+    if not jobs:
+        return 0
     previous = torch.get_num_threads()
-    torch.set_num_threads(max(1, job.threads))
+    torch.set_num_threads(max(1, jobs[0].threads))
     try:
-        return _run_map_job(job)
+        writers = writers or {}
+        tasks = (
+            task for job in jobs
+            for task in _job_tasks(job, on_job_done, writers.get((job.split, job.name)))
+        )
+        return _pipeline(tasks, overlap=any(job.overlap_io for job in jobs))
     finally:
         torch.set_num_threads(previous)
 
 
-def _run_map_job(job: MapJob) -> int:
+class _ChunkTask:
+    """One pending chunk of a map: ``read()`` its inputs, ``compute(inputs)`` its maps,
+    ``write(maps)`` them with the chunk's done flag. ``last`` marks a job's final chunk."""
+
+    def __init__(self, k: int, read, compute, write, last: bool, on_done=None):
+        self.k, self._read, self._compute, self._write = k, read, compute, write
+        self.last, self._on_done = last, on_done
+
+    def read(self):
+        return self._read(self.k)
+
+    def compute(self, inputs):
+        return self._compute(self.k, inputs)
+
+    def write(self, maps) -> None:
+        self._write(self.k, maps)
+        if self.last and self._on_done is not None:
+            self._on_done()
+
+
+def _job_tasks(job: MapJob, on_job_done=None, writer=None):
+    """The :class:`_ChunkTask` of each pending chunk of ``job`` (a generator: the store is
+    opened, unless ``writer`` is given, and the teacher loaded when the first chunk is asked
+    for)."""
     import torch
 
-    writer = SaliencyStore.attach_writer(job.store, job.split, job.name)
+    if writer is None:
+        writer = SaliencyStore.attach_writer(job.store, job.split, job.name)
     done = writer.done_chunks()
     chunks = [k for k in writer.chunks_of_shard(job.shard) if not done[k]]
     if not chunks:
-        return 0
+        if on_job_done is not None:
+            on_job_done()
+        return
     split = writer.split  # the writer's own handle: no second open of the store per task
     dataset = _cached(
         ("data", job.data.name, job.data.root, repr(job.data.options), job.split, split.fingerprint),
         lambda: job.data.open(job.split),
     )
-    labels = np.asarray(split.labels())
-    written = 0
+
+    def write(k: int, maps: np.ndarray) -> None:
+        writer.write_chunk(k, maps)
+        _log_chunk(job, k)
+
     if job.kind == "weak":
         from trainer.weak import weak_maps
 
-        for k in chunks:
+        def read(k: int) -> np.ndarray:
+            return weak_maps(dataset, *writer.chunk_bounds(k), source=job.weak_source)
+
+        def compute(k: int, maps: np.ndarray) -> np.ndarray:
+            return maps
+    else:
+        from trainer.saliency import compute_maps, create_method
+
+        device = torch.device(job.device)
+        model = _cached(("teacher", job.teacher, job.teacher_sha256, job.device),
+                        lambda: _load_teacher(job, device))
+        method = create_method(job.method, **job.method_params)
+        labels = np.asarray(split.labels())
+
+        def read(k: int) -> np.ndarray:
+            return _chunk_images(split, dataset, *writer.chunk_bounds(k))
+
+        def compute(k: int, imgs: np.ndarray) -> np.ndarray:
             s, e = writer.chunk_bounds(k)
-            writer.write_chunk(k, weak_maps(dataset, s, e, source=job.weak_source))
-            _log_chunk(job, k)
-            written += 1
-        return written
+            parts = []
+            for b in range(0, e - s, job.batch_size):
+                x = torch.from_numpy(imgs[b : b + job.batch_size]).to(device).float().div_(255.0)
+                y = torch.from_numpy(labels[s + b : s + b + x.shape[0]]).to(device)
+                maps, _ = compute_maps(
+                    method, model, x, y, target_rule=job.target_rule,
+                    quantile=job.quantile, heat_threshold=job.heat_threshold,
+                )
+                parts.append(np.asarray(maps, dtype=np.int8))
+            return np.concatenate(parts)
 
-    from trainer.saliency import compute_maps, create_method
+    for i, k in enumerate(chunks):
+        yield _ChunkTask(k, read, compute, write, last=i == len(chunks) - 1, on_done=on_job_done)
 
-    device = torch.device(job.device)
-    model = _cached(("teacher", job.teacher, job.teacher_sha256, job.device),
-                    lambda: _load_teacher(job, device))
-    method = create_method(job.method, **job.method_params)
-    for k in chunks:
-        s, e = writer.chunk_bounds(k)
-        imgs = _chunk_images(split, dataset, s, e)
-        parts = []
-        for b in range(0, e - s, job.batch_size):
-            x = torch.from_numpy(imgs[b : b + job.batch_size]).to(device).float().div_(255.0)
-            y = torch.from_numpy(labels[s + b : s + b + x.shape[0]]).to(device)
-            maps, _ = compute_maps(
-                method, model, x, y, target_rule=job.target_rule,
-                quantile=job.quantile, heat_threshold=job.heat_threshold,
-            )
-            parts.append(np.asarray(maps, dtype=np.int8))
-        writer.write_chunk(k, np.concatenate(parts))
-        _log_chunk(job, k)
-        written += 1
-    return written
+
+def _pipeline(tasks, overlap: bool) -> int:
+    """Run chunk tasks in order; return how many were written.
+
+    With ``overlap`` one I/O thread reads the next chunk's inputs and writes the previous
+    chunk's maps while this thread computes. It runs reads and writes in submission order,
+    so chunks land in the same order as without overlap. A failed read or write surfaces at
+    the next ``result()``; on an error the queued write still completes its chunk (and its
+    done flag) or fails it, so no chunk is left half-written.
+    """
+    if not overlap:
+        n = 0
+        for task in tasks:
+            task.write(task.compute(task.read()))
+            n += 1
+        return n
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = 0
+    tasks = iter(tasks)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="precompute-io") as io:
+        task = next(tasks, None)
+        inputs = io.submit(task.read) if task is not None else None
+        last_write = None
+        while task is not None:
+            nxt = next(tasks, None)  # may open the next job's store and load its teacher
+            current = inputs.result()
+            inputs = io.submit(nxt.read) if nxt is not None else None
+            maps = task.compute(current)
+            if last_write is not None:
+                last_write.result()
+                n += 1
+            last_write = io.submit(task.write, maps)
+            task = nxt
+        if last_write is not None:
+            last_write.result()
+            n += 1
+    return n
 
 
 # ---- coordinator side ----------------------------------------------------------------------
@@ -366,7 +427,7 @@ def _existing_client(address: str):
 
 def _client(cfg: PrecomputeConfig):
     """(client, cluster to close or None, whether to close the client)."""
-    from dask.distributed import Client, LocalCluster
+    from dask.distributed import Client
 
     if cfg.scheduler:
         # A notebook or script that already holds a client of that scheduler keeps it.
@@ -377,11 +438,45 @@ def _client(cfg: PrecomputeConfig):
             return Client(cfg.scheduler, timeout="10s"), None, True
         except OSError as e:
             raise SatError(f"cannot reach dask scheduler {cfg.scheduler}: {e}") from None
-    cluster = LocalCluster(
-        n_workers=cfg.workers, threads_per_worker=1, processes=True,
-        dashboard_address=None, silence_logs=40,
-    )
+    cluster = local_cluster(cfg.workers)
     return Client(cluster), cluster, True
+
+
+# Worker settings of the local cluster. Map tasks are long, CPU-bound and alike, so dask's
+# statistical profiler (a stack sample of every thread each 10 ms) and its fast monitors
+# only take CPU from the tasks: idle, they cost 2 workers and their scheduler about 13 % of
+# one core, against 8 % with these settings.
+_QUIET_WORKERS = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.system-monitor.interval": "2s",
+    "distributed.worker.memory.monitor-interval": "1s",
+}
+
+
+def local_cluster(n_workers: int):
+    """The local dask cluster ``sat precompute --workers N`` starts: N worker processes of one
+    thread each (a map task sets its own torch thread count), no dashboard."""
+    import dask
+    from dask.distributed import LocalCluster
+
+    with dask.config.set(_QUIET_WORKERS):
+        return LocalCluster(
+            n_workers=n_workers, threads_per_worker=1, processes=True,
+            dashboard_address=None, silence_logs=40,
+        )
+
+
+def _overlap_io(cfg: PrecomputeConfig) -> bool:
+    """Whether map tasks overlap their store I/O with the teacher (:attr:`MapJob.overlap_io`):
+    on CUDA, and where this machine keeps a core free beside the torch threads of the
+    in-process run or local cluster. Not for an external scheduler, whose workers' cores are
+    not known here."""
+    if cfg.device.startswith("cuda"):
+        return True
+    if cfg.scheduler:
+        return False
+    busy = max(1, cfg.workers) * max(1, cfg.threads_per_worker)
+    return busy < (os.cpu_count() or 1)
 
 
 def run(cfg: PrecomputeConfig) -> dict[str, Any]:
@@ -396,6 +491,7 @@ def run(cfg: PrecomputeConfig) -> dict[str, Any]:
     summary: dict[str, Any] = {"store": cfg.store, "splits": {}, "maps": []}
     jobs: list[MapJob] = []
     writers = []
+    overlap_io = _overlap_io(cfg)
     try:
         for split_name in cfg.splits:
             t_ingest = time.perf_counter()
@@ -419,14 +515,15 @@ def run(cfg: PrecomputeConfig) -> dict[str, Any]:
                             method_params=_method_params(cfg), target_rule=cfg.target_rule,
                             quantile=cfg.quantile, heat_threshold=cfg.heat_threshold,
                             batch_size=cfg.batch_size, device=cfg.device, seed=cfg.seed,
-                            threads=cfg.threads_per_worker, **kw,
+                            threads=cfg.threads_per_worker, overlap_io=overlap_io, **kw,
                         ))
         written = 0
         bar = tqdm(total=len(jobs), desc="precompute shards", disable=not cfg.show_progress, unit="shard")
         if cfg.workers <= 1 and not cfg.scheduler:
-            for job in jobs:
-                written += run_map_job(job)
-                bar.update(1)
+            written += run_map_jobs(
+                jobs, on_job_done=lambda: bar.update(1),
+                writers={(w.split.name, w.name): w for w in writers},
+            )
         else:
             from dask.distributed import as_completed
 

@@ -431,9 +431,13 @@ def test_in_process_run_leaves_the_callers_torch_threads_alone(teachers, tmp_pat
 
 
 # ---- interruption and resume ---------------------------------------------------------------
+@pytest.mark.parametrize("overlap_io", [False, True], ids=["serial", "overlapped-io"])
 def test_interrupted_run_resumes_the_pending_chunks_to_identical_bytes(
-    teachers, reference, tmp_path, monkeypatch
+    teachers, reference, tmp_path, monkeypatch, overlap_io
 ):
+    # Both in-process schedules: chunk by chunk, and with reads and writes on an I/O thread
+    # (a failed write must surface, leave the chunks before it done and none half-written).
+    monkeypatch.setattr(pc, "_overlap_io", lambda cfg: overlap_io)
     store = tmp_path / "s.zarr"
     cfg = _cfg(store, [teachers["standard"]])
     real = MapWriter.write_chunk
@@ -534,13 +538,13 @@ def test_a_replaced_teacher_file_is_not_served_from_the_worker_cache(teachers, t
 def test_a_teacher_changed_during_the_run_is_refused(teachers, tmp_path, monkeypatch):
     path = tmp_path / "teacher.safetensors"
     shutil.copyfile(teachers["standard"], path)
-    real = pc.run_map_job
+    real = pc._job_tasks
 
-    def replace_then_run(job):
-        shutil.copyfile(teachers["adversarial"], path)
-        return real(job)
+    def replace_then_run(job, *args):
+        shutil.copyfile(teachers["adversarial"], path)  # after planning, before the task
+        return real(job, *args)
 
-    monkeypatch.setattr(pc, "run_map_job", replace_then_run)
+    monkeypatch.setattr(pc, "_job_tasks", replace_then_run)
     with pytest.raises(SatError, match="changed"):
         run(_cfg(tmp_path / "s.zarr", [path], weak=()))
 
