@@ -8,6 +8,7 @@ for any command's options; flags given on the command line override it.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,16 @@ from saliency_cache.errors import SatError
 def main() -> None:
     """Saliency-based adversarial training: precompute saliency maps into a store, train, evaluate."""
     tune_allocator()
+    _quiet_progress_in_logs()
+
+
+def _quiet_progress_in_logs() -> None:
+    """When stderr is not a terminal (CI, nohup, a pipe into a file), redraw progress bars at
+    most every 30 s instead of ten times a second: a log then gets a line of progress now
+    and then, not megabytes of carriage returns. tqdm reads ``TQDM_*`` defaults when it is
+    first imported, which the commands do lazily; a value the user set is kept."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_MININTERVAL", "30")
 
 
 # ---- shared option groups ------------------------------------------------------------------

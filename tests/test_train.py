@@ -4,6 +4,9 @@ the run directory it leaves, exact resume, the YAML config, and the SAT schedule
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -296,3 +299,37 @@ def test_without_reach_fraction_the_paper_schedule_is_kept(store):
     assert cfg.effective_perturb().sat_time_scale == 2.0
     with pytest.raises(SatError, match="reach fraction"):
         TrainConfig(store=store.path, out="unused", sat_reach_fraction=1.5)
+
+
+# ---- progress bars in logs -----------------------------------------------------------------
+class _Stream:
+    def __init__(self, tty: bool):
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.parametrize(("tty", "preset", "expected"), [
+    (False, None, "30"),    # a log file or CI: redraw every 30 s
+    (False, "2", "2"),      # the user's own choice stays
+    (True, None, None),     # a terminal keeps tqdm's default
+])
+def test_progress_bars_redraw_rarely_when_stderr_is_not_a_terminal(monkeypatch, tty, preset, expected):
+    import pipelines.cli as cli
+
+    monkeypatch.setattr(cli.sys, "stderr", _Stream(tty))
+    if preset is None:
+        monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    else:
+        monkeypatch.setenv("TQDM_MININTERVAL", preset)
+    cli._quiet_progress_in_logs()
+    assert os.environ.get("TQDM_MININTERVAL") == expected
+
+
+def test_tqdm_takes_its_redraw_interval_from_the_environment():
+    # The mechanism the CLI relies on (tqdm reads TQDM_* defaults at import).
+    code = "from tqdm.auto import tqdm; print(tqdm(total=1, disable=False).mininterval)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "TQDM_MININTERVAL": "30"})
+    assert float(out.stdout.strip()) == 30.0
