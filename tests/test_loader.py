@@ -109,6 +109,20 @@ def test_steps_per_epoch_is_a_count_every_rank_reaches(store):
         assert cap == min(counts)
 
 
+def test_epoch_steps_counts_the_batches_each_epoch_really_has(store):
+    # The learning-rate schedule is sized from this count: with workers each one cuts its
+    # own share into batches, so an epoch can have more batches than ceil(n / batch).
+    stream = StoreStream(store.path, "train", (), batch_size=12, seed=1)
+    seen = set()
+    for workers in (0, 2):
+        loader = WorkerLoader(stream, workers)
+        for epoch in range(3):
+            n_batches = len(list(loader.epoch_batches(epoch)))
+            assert loader.epoch_steps(epoch) == n_batches
+            seen.add(n_batches)
+    assert max(seen) > -(-store.n // 12), "expected a workers' epoch with extra partial batches"
+
+
 # --------------------------------------------------------------------------- order
 
 

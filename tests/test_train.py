@@ -4,6 +4,7 @@ the run directory it leaves, exact resume, the YAML config, and the SAT schedule
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -299,6 +300,26 @@ def test_without_reach_fraction_the_paper_schedule_is_kept(store):
     assert cfg.effective_perturb().sat_time_scale == 2.0
     with pytest.raises(SatError, match="reach fraction"):
         TrainConfig(store=store.path, out="unused", sat_reach_fraction=1.5)
+
+
+def test_cosine_schedule_spans_the_batches_that_workers_really_yield(store, tmp_path):
+    # 64 samples in blocks of 16, batches of 24, 2 DataLoader workers: each worker cuts its
+    # 32 samples into 2 batches, so an epoch has 4 steps, not ceil(64 / 24) = 3. The cosine
+    # schedule must be sized from the 4, or the learning rate reaches 0 an epoch early.
+    from trainer.loader import StoreStream
+
+    loop = LoopConfig(epochs=2, robust_val_samples=0, show_progress=False, optimizer="sgd",
+                      lr=0.1, schedule="cosine")
+    cfg = TrainConfig(store=store.path, out=str(tmp_path / "run"), mode="standard", width=4,
+                      batch_size=24, workers=2, loop=loop, device="cpu", maps=())
+    run(cfg)
+    per_epoch = [StoreStream(store.path, "train", (), batch_size=24, seed=loop.seed)
+                 .epoch_steps(e, num_workers=2) for e in range(2)]
+    assert per_epoch[0] == 4
+    total = sum(per_epoch)
+    lr_after_first = [r["lr"] for r in rows(tmp_path / "run")][0]
+    assert lr_after_first == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * per_epoch[0] / total)))
+    assert [r["steps"] for r in rows(tmp_path / "run")] == per_epoch
 
 
 # ---- progress bars in logs -----------------------------------------------------------------

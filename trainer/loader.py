@@ -226,17 +226,22 @@ class StoreStream(torch.utils.data.IterableDataset):
                 pos += size
         return out
 
+    def epoch_steps(self, epoch: int, num_workers: int = 0, rank: int | None = None) -> int:
+        """Batches ``rank`` (default: this rank) yields in ``epoch`` when read by
+        ``num_workers`` DataLoader workers (0: in-process). Each worker cuts its own share
+        into batches, so with workers an epoch can take a few more (partial) batches than
+        ``ceil(n / batch)``."""
+        ranges = self._rank_ranges(epoch, rank)
+        w = max(1, num_workers)
+        per_worker = [sum(hi - lo for lo, hi in ranges[j::w]) for j in range(w)]
+        return sum(math.ceil(n / self.batch_size) for n in per_worker)
+
     def steps_per_epoch(self, epochs: int, num_workers: int = 0) -> int:
         """Batches every rank can deliver in each of ``epochs`` epochs (the DDP lock-step count)."""
-        w = max(1, num_workers)
-        best = None
-        for e in range(epochs):
-            for r in range(self.world_size):
-                ranges = self._rank_ranges(e, r)
-                per_worker = [sum(hi - lo for lo, hi in ranges[j::w]) for j in range(w)]
-                steps = sum(math.ceil(s / self.batch_size) for s in per_worker)
-                best = steps if best is None else min(best, steps)
-        return max(1, best or 1)
+        return max(1, min(
+            self.epoch_steps(e, num_workers, r)
+            for e in range(epochs) for r in range(self.world_size)
+        ))
 
     # ---- iteration ---------------------------------------------------------------------
     def _open(self):
@@ -311,6 +316,10 @@ class WorkerLoader:
             pin_memory=self.pin_memory,
         )
         return iter(dl)
+
+    def epoch_steps(self, epoch: int) -> int:
+        """Batches this loader yields in ``epoch`` (see :meth:`StoreStream.epoch_steps`)."""
+        return self.stream.epoch_steps(epoch, self.num_workers)
 
     def decode_maps(self, maps: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
         return self.stream.decode_maps(maps, device)
