@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,14 +26,13 @@ from saliency_cache.store import (
     LOCK_NAME,
     MANIFEST_FORMAT,
     MANIFEST_NAME,
+    PARTIAL_RE,
     SaliencyStore,
     _collect,
     _Location,
     _sync,
 )
 
-# What zarr's local store leaves behind when a write is killed: "<name>.<uuid hex>.partial".
-_PARTIAL_RE = re.compile(r"\.[0-9a-f]{32}\.partial$")
 _KEEP_PROBLEMS_PARTIAL = ("missing", "incomplete")  # what --allow-partial accepts in the copy
 
 
@@ -199,7 +197,7 @@ def _skip(key: str) -> bool:
         key == MANIFEST_NAME
         or base == LOCK_NAME
         or base.startswith(f"{LOCK_NAME}.")
-        or bool(_PARTIAL_RE.search(base))
+        or bool(PARTIAL_RE.search(base))
     )
 
 

@@ -63,6 +63,8 @@ DEFAULT_CHUNK_SIZE = 256  # samples per chunk: the unit of a write, a read and a
 DEFAULT_SHARD_CHUNKS = 64  # chunks per shard file: a 50,000-sample map is 4 files
 ZSTD_LEVEL = 3
 LOCK_NAME = ".writer.lock"
+# What zarr's local store leaves behind when a write is killed: "<name>.<uuid hex>.partial".
+PARTIAL_RE = re.compile(r"\.[0-9a-f]{32}\.partial$")
 # Written by ``sat cache copy`` next to the root zarr.json: every key of the copy with its size
 # and sha256, so hosts without directory listings (static HTTP) can still list splits and maps.
 MANIFEST_NAME = ".sat-manifest.json"
@@ -343,6 +345,20 @@ class _Location:
 
     def delete(self, key: str) -> None:
         _sync(self.zstore.delete(key))
+
+    def remove_partial_files(self, prefix: str) -> int:
+        """Delete the temporary files a killed local write left under ``prefix`` (zarr's
+        ``<name>.<uuid hex>.partial``); only for a caller holding the writer lock. Returns
+        how many were removed (always 0 for remote stores, whose writes are not staged so)."""
+        if self.local_root is None or not (self.local_root / prefix).is_dir():
+            return 0
+        removed = 0
+        for dirpath, _dirs, files in os.walk(self.local_root / prefix):
+            for f in files:
+                if PARTIAL_RE.search(f):
+                    Path(dirpath, f).unlink(missing_ok=True)
+                    removed += 1
+        return removed
 
     def delete_dir(self, prefix: str) -> None:
         if self.local_root is not None:
@@ -998,6 +1014,7 @@ class Split:
                 group = self._map_group(name)
                 have = group.attrs.asdict()
                 self._check_resume(name, have, want, chunk_size, shard_chunks)
+                self._loc.remove_partial_files(key)  # left by a writer killed mid-write
                 if not {"data", "done"} <= _array_names(self._loc, key):
                     _create_map_arrays(group, have)  # a creation killed before its arrays
                 return MapWriter(self, name, lock=lock)

@@ -274,7 +274,12 @@ def test_killed_writer_resumes_to_identical_bytes(make_split, tmp_path):
     assert lock.exists()  # the dead writer's lock: stale, so it is taken over below
     with pytest.raises(IncompleteMapError, match="3 of 6 chunks missing"):
         sp.open_map("m")
+    # What zarr leaves when a write is killed mid-file: the resuming writer clears it.
+    stale = lock.parent / "data" / "c" / f"0.{'5a' * 16}.partial"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"half a shard")
     with sp.create_map("m", provenance=PROV, encoding="ternary", channels=1) as w:
+        assert not stale.exists()
         assert json.loads(lock.read_text())["pid"] == os.getpid()
         assert w.pending_chunks() == [1, 2, 4]
         _write_all(w, values, order=[4, 1, 2])  # another order than the reference
