@@ -116,3 +116,24 @@ def test_schedule_values():
 def test_bad_amounts_raise(call, match):
     with pytest.raises(SatError, match=match):
         call(_model())
+
+
+def test_a_checkpoint_taken_mid_pruning_loads_as_the_masked_model(tmp_path):
+    # Between pruning steps the teacher's checkpoints hold weight_orig / weight_mask; they
+    # must load (for evaluation or as a teacher) as the network the masks define.
+    from trainer.checkpoint import Checkpoint, load_model, save_checkpoint
+
+    model = _model()
+    prune_global(model, 0.6)
+    with torch.no_grad():
+        for m, _ in prunable(model):
+            m.weight_orig.add_(0.5)  # pruned positions keep non-zero originals, as in training
+    state = model.state_dict()
+    assert any(k.endswith("weight_orig") for k in state)
+    path = tmp_path / "mid.safetensors"
+    save_checkpoint(path, Checkpoint(arch=model.arch, model_state=state))
+    loaded, _ = load_model(path, "cpu")
+    assert 0.6 <= sparsity(loaded) < 0.6 + 1e-3
+    x, _ = _batch()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))

@@ -148,11 +148,26 @@ def load_model(path: str | Path, device: torch.device | str) -> tuple[torch.nn.M
     num_classes = arch.pop("num_classes")
     model = create_model(name, num_classes, **arch)
     try:
-        model.load_state_dict(ckpt.model_state)
+        model.load_state_dict(fold_pruning(ckpt.model_state))
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise SatError(f"checkpoint {path} does not fit its recorded architecture: {first}") from None
     return model.to(device).eval(), ckpt
+
+
+def fold_pruning(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with torch's pruning reparametrisation (``<p>_orig`` and ``<p>_mask``, as
+    in the sparse teacher's checkpoints taken between pruning steps) turned into plain
+    ``<p> = <p>_orig * <p>_mask`` tensors; any other state dict is returned as it is."""
+    masks = {k[: -len("_mask")] for k in state if k.endswith("_mask")}
+    folded = {p for p in masks if f"{p}_orig" in state and p not in state}
+    if not folded:
+        return state
+    out = {k: v for k, v in state.items()
+           if not any(k in (f"{p}_orig", f"{p}_mask") for p in folded)}
+    for p in folded:
+        out[p] = state[f"{p}_orig"] * state[f"{p}_mask"]
+    return out
 
 
 def file_sha256(path: str | Path) -> str:
