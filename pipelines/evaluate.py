@@ -222,8 +222,10 @@ def results_markdown(summary: dict[str, Any]) -> str:
 # Paper naming (Section 4.1): X - Y - Z = teacher, its training mode, saliency method.
 _ARCH_NAMES = {"resnet10": "Resnet-10", "resnet34": "Resnet-34", "resnet18": "Resnet-18"}
 _TMODE_NAMES = {"standard": "Std.", "adversarial": "Adv.", "sparse": "Sparse"}
+# The paper's "G.CAM++" rows are Grad-CAM++ *boxes* (Sec. 4.1: "bounding boxes obtained from
+# GradCAM++"), so the box method takes that name and the thresholded heatmap is told apart.
 _METHOD_NAMES = {
-    "gbp": "GBP", "gradcam++": "G.CAM++", "gradcam++-box": "G.CAM++ box", "gradcam": "G.CAM",
+    "gbp": "GBP", "gradcam++": "G.CAM++ heatmap", "gradcam++-box": "G.CAM++", "gradcam": "G.CAM",
     "smoothgrad": "S.Grad", "ig": "I.Grad", "guided-gradcam++": "G.G.CAM++", "gradient": "Grad",
 }
 _MODE_NAMES = {

@@ -44,8 +44,9 @@ def _label(mode: str, *provs: dict) -> str:
      "Resnet-10 — Adv. — G.G.CAM++"),
     ("sat", [_teacher("resnet10", "sparse", "gbp")], "Resnet-10 — Sparse — GBP"),
     ("pgd-sat", [_teacher()], "PGD-SAT (Resnet-10 — Adv. — GBP)"),
-    ("trades-sat", [_teacher("resnet34", "adversarial", "gradcam++")],
-     "TRADES-SAT (Resnet-34 — Adv. — G.CAM++)"),
+    ("trades-sat", [_teacher("resnet34", "adversarial", "gradcam++-box")],
+     "TRADES-SAT (Resnet-34 — Adv. — G.CAM++)"),  # the paper's G.CAM++ rows are the boxes
+    ("sat", [_teacher("resnet10", "standard", "gradcam++")], "Resnet-10 — Std. — G.CAM++ heatmap"),
     ("sat", [BOX], "Bounding Boxes"),
     ("sat", [MASK], "Segmentation Masks"),
     ("pgd-sat", [BOX], "PGD-SAT (Bounding Boxes)"),
