@@ -348,6 +348,21 @@ def test_progress_bars_redraw_rarely_when_stderr_is_not_a_terminal(monkeypatch, 
     assert os.environ.get("TQDM_MININTERVAL") == expected
 
 
+def test_training_in_a_log_redraws_its_bars_rarely(store, tmp_path):
+    # stderr to a pipe, as under CI or nohup: each epoch's bar is drawn when it opens and
+    # when it closes, not at every step (16 steps here), postfix updates included.
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_MININTERVAL"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "train", "--store", store.path, "--mode", "sat",
+         "--map", GBP, "--width", "4", "--batch-size", "4", "--epochs", "2", "--device", "cpu",
+         "--robust-val-samples", "0", "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    redraws = [ln for ln in proc.stderr.replace("\r", "\n").splitlines() if "[sat]" in ln]
+    assert 2 <= len(redraws) <= 2 * 3, redraws
+
+
 def test_tqdm_takes_its_redraw_interval_from_the_environment():
     # The mechanism the CLI relies on (tqdm reads TQDM_* defaults at import).
     code = "from tqdm.auto import tqdm; print(tqdm(total=1, disable=False).mininterval)"

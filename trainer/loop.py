@@ -292,8 +292,10 @@ def fit(
             loss_sum += loss.item() * b
             correct += (logits.detach().argmax(1) == y).sum().item()
             seen += b
+            # No forced redraw: the bar redraws at its own interval (every 30 s in a log).
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
+                            refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
         bar.close()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
