@@ -476,7 +476,7 @@ def _overlap_io(cfg: PrecomputeConfig) -> bool:
     if cfg.scheduler:
         return False
     busy = max(1, cfg.workers) * max(1, cfg.threads_per_worker)
-    return busy < (os.cpu_count() or 1)
+    return busy < available_cpus()
 
 
 def run(cfg: PrecomputeConfig) -> dict[str, Any]:
@@ -555,5 +555,10 @@ def run(cfg: PrecomputeConfig) -> dict[str, Any]:
     return summary
 
 
-def default_workers() -> int:
-    return max(1, (os.cpu_count() or 1))
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one, as under
+    ``taskset`` or a container's cpuset), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)

@@ -577,3 +577,18 @@ def test_cli_refuses_a_missing_teacher(tmp_path):
     res = CliRunner().invoke(main, ["precompute", *DATA_ARGS, "--store", str(tmp_path / "s.zarr"),
                                     "--teacher", str(tmp_path / "nope.safetensors"), "--quiet"])
     assert res.exit_code == 2 and "teacher checkpoint not found" in res.output
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
+def test_io_overlap_follows_the_cpus_the_process_may_use():
+    # Pinned to one CPU (taskset, a container's cpuset): no I/O thread competing with the
+    # teacher for that CPU.
+    code = (
+        "import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})\n"
+        "from pipelines.precompute import PrecomputeConfig, _overlap_io, available_cpus\n"
+        "from pipelines.common import DataSpec\n"
+        "cfg = PrecomputeConfig(store='s.zarr', data=DataSpec('synthetic', None, {}))\n"
+        "print(available_cpus(), _overlap_io(cfg))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "False"]
