@@ -9,6 +9,7 @@ run on its own, outside ``sat``). ``verify`` exits 1 when it finds problems.
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -391,6 +392,9 @@ def _draw(
     axes = np.asarray(fig.subplots(rows, cols, squeeze=False))
     mean = maps.astype(np.float32).mean(axis=1)  # (B, H, W) in [-1, 1]
     for i, title in enumerate(titles):
+        # Sample ids are paths (Tiny ImageNet's run to 40+ characters): wrap them to the
+        # panel's width instead of letting the figure clip them.
+        title = "\n".join(textwrap.wrap(title, 34 if images is not None else 30))
         panels = []
         if images is not None:
             img = images[i]
