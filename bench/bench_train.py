@@ -263,7 +263,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from pipelines.common import tune_allocator
 
     allocator_tuned = tune_allocator()  # as the `sat` command does

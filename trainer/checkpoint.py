@@ -163,8 +163,8 @@ def fold_pruning(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     folded = {p for p in masks if f"{p}_orig" in state and p not in state}
     if not folded:
         return state
-    out = {k: v for k, v in state.items()
-           if not any(k in (f"{p}_orig", f"{p}_mask") for p in folded)}
+    drop = {f"{p}{suffix}" for p in folded for suffix in ("_orig", "_mask")}
+    out = {k: v for k, v in state.items() if k not in drop}
     for p in folded:
         out[p] = state[f"{p}_orig"] * state[f"{p}_mask"]
     return out

@@ -99,12 +99,9 @@ def make_optimizer(model: torch.nn.Module, cfg: LoopConfig) -> torch.optim.Optim
     )
 
 
-def make_scheduler(
-    opt: torch.optim.Optimizer, cfg: LoopConfig, steps_per_epoch: int, total_steps: int | None = None
-):
-    """The learning-rate schedule over ``total_steps`` optimiser steps (default
-    ``cfg.epochs * steps_per_epoch``)."""
-    total = max(1, total_steps if total_steps is not None else cfg.epochs * steps_per_epoch)
+def make_scheduler(opt: torch.optim.Optimizer, cfg: LoopConfig, total_steps: int):
+    """The learning-rate schedule over ``total_steps`` optimiser steps (the whole run)."""
+    total = max(1, total_steps)
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
@@ -229,7 +226,11 @@ def fit(
     # A cap on steps is needed only under DDP, where ranks must take the same number of steps.
     cap = steps_per_epoch
     est_steps = cap or max(1, math.ceil(train.num_samples / max(1, _batch_size_hint(train))))
-    scheduler = make_scheduler(optimizer, cfg, est_steps, _total_steps(train, cfg.epochs, cap))
+    # A store stream counts its batches per epoch exactly (DataLoader workers each cut their
+    # own share, so an epoch can run past ceil(n / batch)); other sources are estimated.
+    count = getattr(train, "epoch_steps", None) if cap is None else None
+    epoch_steps = [count(e) if callable(count) else est_steps for e in range(cfg.epochs)]
+    scheduler = make_scheduler(optimizer, cfg, sum(epoch_steps))
     start_epoch = 0
     best = -1.0
     if resume:
@@ -267,7 +268,7 @@ def fit(
         steps = 0
         batches = train.epoch_batches(epoch)
         bar = tqdm(
-            total=est_steps, desc=f"epoch {epoch + 1}/{cfg.epochs} [{mode.name}]",
+            total=epoch_steps[epoch], desc=f"epoch {epoch + 1}/{cfg.epochs} [{mode.name}]",
             disable=not (cfg.show_progress and is_main), leave=False,
         )
         for batch in batches:
@@ -346,15 +347,6 @@ def fit(
     if is_main:
         (run_dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
     return result
-
-
-def _total_steps(source: BatchSource, epochs: int, cap: int | None) -> int | None:
-    """Optimiser steps of the whole run when the source can count its batches per epoch
-    (a store stream, in-process or in DataLoader workers); None to estimate from its size."""
-    if cap is not None:
-        return cap * epochs
-    count = getattr(source, "epoch_steps", None)
-    return sum(count(e) for e in range(epochs)) if callable(count) else None
 
 
 def _batch_size_hint(source: BatchSource) -> int:
