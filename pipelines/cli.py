@@ -211,6 +211,8 @@ def _echo_result(result: dict[str, Any], as_json: bool, human: str) -> None:
 @click.option("--finetune-epochs", type=int, default=1, show_default=True)
 @click.option("--val-split", default="val", show_default=True, help="'' to skip validation.")
 @click.option("--out", required=True, type=click.Path(), help="Output directory.")
+@click.option("--resume", is_flag=True,
+              help="Continue a killed run in --out (each phase from its last checkpoint).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def teacher(**kw: Any) -> None:
     """Train a teacher (standard, PGD-adversarial or 95 %-sparse) for precompute."""
@@ -225,6 +227,7 @@ def teacher(**kw: Any) -> None:
         loop=loop, batch_size=kw["batch_size"], sparsity=kw["sparsity"],
         prune_steps=kw["prune_steps"], finetune_epochs=kw["finetune_epochs"],
         val_split=kw["val_split"] or None, device=resolve_device(kw["device"]),
+        resume=kw["resume"],
     )
     res = run(cfg)
     m = res["metrics"]

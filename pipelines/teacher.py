@@ -38,6 +38,7 @@ class TeacherConfig:
     finetune_epochs: int = 1  # fine-tuning epochs after each pruning step
     val_split: str | None = "val"  # evaluated every epoch; None to skip
     device: str = "cpu"
+    resume: bool = False  # continue a killed run: each phase from its last.safetensors
 
     def __post_init__(self) -> None:
         from trainer.models import list_models
@@ -54,6 +55,11 @@ class TeacherConfig:
             raise SatError(f"batch size must be >= 1, got {self.batch_size}")
         if self.prune_steps < 1 or self.finetune_epochs < 1:
             raise SatError("prune_steps and finetune_epochs must be >= 1")
+
+
+# Settings a --resume must keep (the teacher's phases build on each other); epochs may grow.
+RESUME_MATCH = ("mode", "data", "batch_size", "sparsity", "prune_steps", "finetune_epochs",
+                "loop.seed", "loop.optimizer", "loop.lr", "loop.schedule", "loop.weight_decay")
 
 
 def load_split_arrays(data: DataSpec, split: str) -> tuple[Any, torch.Tensor, torch.Tensor]:
@@ -84,21 +90,30 @@ def run(cfg: TeacherConfig) -> dict[str, Any]:
     ).to(device)
     mode = create_mode("pgd" if cfg.mode == "adversarial" else "standard", PerturbConfig())
     run_config = {"stage": "teacher", **config_dict(cfg), "git_sha": git_sha()}
-    result = fit(model, mode, train, val, cfg.loop, out, device, run_config=run_config)
-    rows = [result["final"]]
+    # With --resume each phase continues from its own last checkpoint, or is skipped when that
+    # checkpoint is complete. Once a phase trains, the checkpoints of later phases belong to
+    # an older model, so those phases start afresh.
+    resume = cfg.resume
+    row, trained = _phase(model, mode, train, val, cfg.loop, out, device, resume=resume,
+                          run_config=run_config)
+    resume = resume and not trained
+    rows = [row]
 
     achieved = None
     if cfg.mode == "sparse":
         ft_loop = LoopConfig(**{**config_dict(cfg.loop), "epochs": cfg.finetune_epochs})
         for step, amount in enumerate(prune_schedule(cfg.sparsity, cfg.prune_steps)):
-            prune_global(model, amount)
-            r = fit(
-                model, mode, train, val, ft_loop, out / f"prune{step + 1}", device,
+            prune_global(model, amount)  # deterministic masks: a resumed phase gets the same
+            phase_dir = out / f"prune{step + 1}"
+            phase_resume = resume and (phase_dir / "checkpoints/last.safetensors").is_file()
+            row, trained = _phase(
+                model, mode, train, val, ft_loop, phase_dir, device, resume=phase_resume,
                 run_config={**run_config, "prune_step": step + 1, "prune_amount": amount},
                 on_epoch_end=lambda _e, m: {"sparsity": sparsity(m)},
             )
+            resume = resume and not trained
             make_permanent(model)
-            rows.append(r["final"])
+            rows.append(row)
         achieved = sparsity(model)
 
     model.eval()
@@ -118,6 +133,28 @@ def run(cfg: TeacherConfig) -> dict[str, Any]:
     }
     write_json(out / "teacher.json", summary)
     return summary
+
+
+def _phase(model, mode, train, val, loop: LoopConfig, run_dir: Path, device, *, resume: bool,
+           run_config: dict[str, Any], **fit_kw) -> tuple[dict[str, Any], bool]:
+    """Run one training phase into ``run_dir``: (its last metrics row, whether it trained).
+
+    Resuming a phase whose checkpoint already holds all its epochs loads that checkpoint
+    into ``model`` instead of training."""
+    from trainer.checkpoint import load_checkpoint
+    from trainer.loop import check_resumable
+
+    last = run_dir / "checkpoints" / "last.safetensors"
+    if resume and last.is_file():
+        ck = load_checkpoint(last)
+        if ck.epoch >= loop.epochs:
+            check_resumable(ck, last, arch=getattr(model, "arch", {}), run_config=run_config,
+                            keys=RESUME_MATCH)
+            model.load_state_dict(ck.model_state)
+            return dict(ck.extra.get("metrics") or {}), False
+    result = fit(model, mode, train, val, loop, run_dir, device, resume=resume,
+                 run_config=run_config, resume_match=RESUME_MATCH, **fit_kw)
+    return result["final"], True
 
 
 def describe_teacher(path: str | Path) -> dict[str, Any]:

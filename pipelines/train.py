@@ -18,6 +18,12 @@ from saliency_cache.errors import SatError
 from trainer.loop import LoopConfig, fit
 from trainer.perturb import PerturbConfig
 
+# Settings a --resume must keep: with another mode, map, data, batch size, seed, optimiser or
+# perturbation the continued run would silently be a different experiment. (Epochs may grow;
+# the architecture is checked against the checkpoint's model.)
+RESUME_MATCH = ("mode", "maps", "split", "split_fingerprint", "batch_size", "loop.seed",
+                "loop.optimizer", "perturb", "sat_reach_fraction")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -132,6 +138,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         run_config=run_config, steps_per_epoch=steps,
         extra={"mode": cfg.mode, "maps": list(cfg.maps), "map_provenance": map_prov,
                "fingerprint": split.fingerprint, "store": cfg.store},
+        resume_match=RESUME_MATCH,
     )
     if world > 1:
         import torch.distributed as dist

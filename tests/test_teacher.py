@@ -168,3 +168,115 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: unknown architecture 'vgg'")
     assert "resnet10" in lines[0]  # the message lists the valid choices
     assert not (tmp_path / "t").exists()
+
+
+# --------------------------------------------------------------------------- resume
+
+_TIMES = ("epoch_time_s", "images_per_s")
+
+
+def _rows_without_times(path: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in _TIMES} for r in _metrics_rows(path)]
+
+
+def _sparse(out: Path, **kw) -> TeacherConfig:
+    return TeacherConfig(data=DATA, out=str(out), width=4, mode="sparse", loop=_loop(),
+                         batch_size=32, prune_steps=2, finetune_epochs=2, device="cpu", **kw)
+
+
+def _assert_same_teacher(a: Path, b: Path) -> None:
+    wa = load_checkpoint(a / "teacher.safetensors").model_state
+    wb = load_checkpoint(b / "teacher.safetensors").model_state
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+@pytest.fixture(scope="module")
+def sparse_full(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("teacher") / "sparse"
+    run(_sparse(out))
+    return out
+
+
+# Each epoch of a phase evaluates once, before its checkpoint: dense (call 1), prune step 1
+# (calls 2, 3), prune step 2 (calls 4, 5). Dying in call 3 leaves prune1 one epoch in; dying
+# in call 4 leaves prune1 complete and prune2 with no checkpoint at all.
+@pytest.mark.parametrize("die_at", [3, 4])
+def test_sparse_teacher_killed_mid_pruning_resumes_to_the_same_weights(
+    sparse_full, tmp_path, monkeypatch, die_at
+):
+    import trainer.loop
+
+    real_evaluate = trainer.loop.evaluate
+    calls = []
+    kill = [die_at]
+
+    def dies(*a, **k):
+        calls.append(1)
+        if len(calls) == kill[0]:
+            raise KeyboardInterrupt
+        return real_evaluate(*a, **k)
+
+    monkeypatch.setattr(trainer.loop, "evaluate", dies)
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        run(_sparse(out))
+    assert not (out / "teacher.safetensors").exists()
+
+    calls.clear()
+    kill[0] = 0  # the resumed run lives; count the epochs it trains
+    res = run(_sparse(out, resume=True))
+    assert len(calls) == 5 - (die_at - 1)  # only the epochs the killed run had not saved
+    full_info = json.loads((sparse_full / "teacher.json").read_text())
+    _assert_same_teacher(out, sparse_full)
+    assert res["config"]["resume"] is True  # the export records that it was resumed
+    assert res["sparsity"] == full_info["sparsity"] >= 0.95
+    for sub in (".", "prune1", "prune2"):
+        assert _rows_without_times(out / sub / "metrics.jsonl") == \
+            _rows_without_times(sparse_full / sub / "metrics.jsonl"), sub
+
+
+def test_resuming_a_finished_teacher_exports_it_again_without_training(sparse_full, tmp_path):
+    import shutil
+
+    out = tmp_path / "done"
+    shutil.copytree(sparse_full, out)
+    before = {p: p.read_bytes() for p in out.rglob("*.jsonl")}
+    run(_sparse(out, resume=True))
+    _assert_same_teacher(out, sparse_full)
+    assert {p: p.read_bytes() for p in out.rglob("*.jsonl")} == before  # nothing retrained
+
+
+def test_teacher_resume_with_other_settings_is_refused_in_one_line(standard, tmp_path):
+    import shutil
+
+    out = tmp_path / "std"
+    shutil.copytree(standard[0], out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for flags, word in ((["--mode", "adversarial"], "mode"), (["--width", "8"], "width")):
+        res = CliRunner().invoke(main, [
+            "teacher", *DATA_ARGS, "--width", "4", "--epochs", "2", "--batch-size", "32",
+            "--robust-val-samples", "8", "--device", "cpu", "--quiet", "--out", str(out),
+            "--resume", *flags,
+        ])
+        assert res.exit_code == 2, res.output
+        lines = res.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: --resume:") and word in lines[0]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_teacher_resume_continues_to_more_epochs(standard, tmp_path):
+    import shutil
+
+    out = tmp_path / "more"
+    shutil.copytree(standard[0], out)
+    res = CliRunner().invoke(main, [
+        "teacher", *DATA_ARGS, "--width", "4", "--epochs", "2", "--batch-size", "32",
+        "--robust-val-samples", "8", "--device", "cpu", "--quiet", "--out", str(out), "--resume",
+    ])
+    assert res.exit_code == 0, res.output
+    assert [r["epoch"] for r in _metrics_rows(out / "metrics.jsonl")] == [1, 2]
+    run(TeacherConfig(data=DATA, out=str(tmp_path / "two"), width=4, mode="standard",
+                      loop=_loop(epochs=2), batch_size=32, device="cpu"))
+    _assert_same_teacher(out, tmp_path / "two")

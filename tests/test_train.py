@@ -182,6 +182,26 @@ def test_resume_without_a_checkpoint_is_refused(store, tmp_path):
         run(config(store, tmp_path / "none", "standard", resume=True))
 
 
+def test_resume_with_another_mode_map_or_width_is_refused_and_changes_nothing(store, tmp_path):
+    # A resume that silently switched the mode, the map or the model would train a
+    # different experiment under the old run's name.
+    out = tmp_path / "run"
+    r = cli(*train_args(store, out, "--mode", "sat", "--map", GBP, "--epochs", 1))
+    assert r.exit_code == 0, r.output
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for flags, said in (
+        (["--mode", "standard"], "mode was 'sat'"),
+        (["--mode", "sat", "--map", MASK], "maps was"),
+        (["--mode", "sat", "--map", GBP, "--seed", 5], "loop.seed was 0"),
+        (["--mode", "sat", "--map", GBP, "--width", 8], "width 4, now 8"),
+    ):
+        r = cli(*train_args(store, out, "--epochs", 2, "--resume", *flags))
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 2 and len(lines) == 1, r.output
+        assert lines[0].startswith("error: --resume:") and said in lines[0], lines[0]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_a_new_run_replaces_old_metrics(store, tmp_path):
     cfg = config(store, tmp_path / "again", "standard", epochs=2)
     run(cfg)

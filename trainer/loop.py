@@ -198,6 +198,7 @@ def fit(
     steps_per_epoch: int | None = None,
     on_epoch_end: Callable[[int, torch.nn.Module], dict[str, Any] | None] | None = None,
     extra: dict[str, Any] | None = None,
+    resume_match: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Train ``model`` with training mode ``mode`` and return the final result dict.
 
@@ -207,6 +208,9 @@ def fit(
     computes it); otherwise each epoch runs over the whole source.
     ``on_epoch_end(epoch, model)`` may return extra metrics for the row (the sparse teacher
     reports its sparsity this way).
+    ``resume_match`` names ``run_config`` keys (dotted for nested ones, e.g. ``"loop.seed"``)
+    whose values must equal those the checkpoint was written with: a resume with another
+    mode, map or dataset would silently train something else, so it is refused instead.
     """
     device = torch.device(device)
     run_dir = Path(run_dir)
@@ -217,10 +221,6 @@ def fit(
     metrics_path = run_dir / "metrics.jsonl"
     run_config = dict(run_config or {})
     run_config.setdefault("loop", asdict(cfg))
-
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(run_config, indent=2, default=str))
 
     optimizer = make_optimizer(base, cfg)
     # A cap on steps is needed only under DDP, where ranks must take the same number of steps.
@@ -238,6 +238,8 @@ def fit(
         if not last.is_file():
             raise SatError(f"--resume given but {last} does not exist")
         ck = load_checkpoint(last)
+        check_resumable(ck, last, arch=getattr(base, "arch", {}), run_config=run_config,
+                        keys=resume_match)
         base.load_state_dict(ck.model_state)
         if ck.optim_state is not None:
             optimizer.load_state_dict(ck.optim_state)
@@ -249,6 +251,9 @@ def fit(
             _truncate_metrics(metrics_path, start_epoch)
     elif is_main and metrics_path.exists():
         metrics_path.unlink()
+    if is_main:  # after the resume checks: a refused resume leaves the run directory as it was
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(run_config, indent=2, default=str))
 
     net: torch.nn.Module = base
     if world > 1:
@@ -347,6 +352,39 @@ def fit(
     if is_main:
         (run_dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
     return result
+
+
+def _config_value(config: dict[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def check_resumable(
+    ck: Checkpoint, path: Path, *, arch: dict[str, Any], run_config: dict[str, Any],
+    keys: tuple[str, ...] = (),
+) -> None:
+    """Refuse to resume from ``ck`` (read from ``path``) into another architecture, or with a
+    value of one of ``keys`` (dotted ``run_config`` keys) that differs from the checkpoint's."""
+    if arch and ck.arch and ck.arch != arch:
+        diff = sorted(k for k in set(arch) | set(ck.arch) if arch.get(k) != ck.arch.get(k))
+        raise SatError(
+            f"--resume: {path} holds a different model ("
+            + ", ".join(f"{k} {ck.arch.get(k)!r}, now {arch.get(k)!r}" for k in diff)
+            + "); use the same settings or a new --out"
+        )
+    old_config = json.loads(json.dumps(ck.config, default=str))
+    new_config = json.loads(json.dumps(run_config, default=str))
+    for key in keys:
+        before, now = _config_value(old_config, key), _config_value(new_config, key)
+        if before != now:
+            raise SatError(
+                f"--resume: {key} was {before!r} when {path} was written, now {now!r}; "
+                "use the same settings or a new --out"
+            )
 
 
 def _batch_size_hint(source: BatchSource) -> int:
