@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from saliency_cache.errors import MismatchError, SatError
+from tests.nets import Linear
 from trainer.attacks import (
     ATTACKS,
     evaluate_attack,
@@ -241,13 +242,6 @@ def test_trades_attack_increases_kl_more_than_noise(trained):
 # --------------------------------------------------------------------------- saliency
 
 
-class Linear(nn.Module):
-    def __init__(self, w, b):
-        super().__init__()
-        self.w, self.b = nn.Parameter(w), nn.Parameter(b)
-
-    def forward(self, x):
-        return x.flatten(1) @ self.w.T + self.b
 
 
 def test_saliency_attack_steps_against_the_true_logit_gradient():

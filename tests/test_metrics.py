@@ -5,18 +5,8 @@ import torch
 import torch.nn as nn
 
 from saliency_cache.errors import SatError
+from tests.nets import Linear
 from trainer.metrics import accuracy, alignment, mean_alignment
-
-
-class Linear(nn.Module):
-    """Φ(x) = W·flatten(x) + b: the true-logit gradient of sample i is W[y_i]."""
-
-    def __init__(self, w, b):
-        super().__init__()
-        self.w, self.b = nn.Parameter(w), nn.Parameter(b)
-
-    def forward(self, x):
-        return x.flatten(1) @ self.w.T + self.b
 
 
 def linear_case(seed=0, b=6):
