@@ -245,7 +245,8 @@ def test_tiny_imagenet_train_layout_boxes_and_grayscale(tmp_path):
     wnids = (root / "wnids.txt").read_text().split()
     assert wnids != sorted(wnids)  # labels must follow the file, not sorted order
     ds = open_dataset("tiny-imagenet", root, "train", image_size=16)
-    assert ds.class_names == wnids and ds.num_classes == 3 and len(ds) == 12
+    assert ds.wnids == wnids and ds.num_classes == 3 and len(ds) == 12
+    assert ds.class_names == ["thing 0", "thing 1", "thing 2"]  # from words.txt
     assert ds.ids()[:2] == [
         f"train/{wnids[0]}/images/{wnids[0]}_0.JPEG",
         f"train/{wnids[0]}/images/{wnids[0]}_1.JPEG",
@@ -273,7 +274,7 @@ def test_tiny_imagenet_val_and_parent_root(tmp_path):
     table = {}
     for line in (root / "val" / "val_annotations.txt").read_text().splitlines():
         f, wnid, *box = line.split("\t")
-        table[f"val/images/{f}"] = (ds.class_names.index(wnid), tuple(map(int, box)))
+        table[f"val/images/{f}"] = (ds.wnids.index(wnid), tuple(map(int, box)))
     assert sorted(ds.ids()) == ds.ids() and set(ds.ids()) == set(table)
     for i, sid in enumerate(ds.ids()):
         assert (int(ds.labels()[i]), ds.get_box(i)) == table[sid]
@@ -303,10 +304,32 @@ def test_tiny_imagenet_resize_rescales_boxes_outward(tmp_path):
 def test_tiny_imagenet_max_per_class(tmp_path):
     root = make_tiny_imagenet(tmp_path, n_classes=2, per_class=12, size=16)
     ds = open_dataset("tiny-imagenet", root, "train", image_size=16, max_per_class=3)
-    wnid = ds.class_names[0]
+    wnid = ds.wnids[0]
     # Sorted file order: _0, _1, _10 (string order, deterministic).
     assert ds.ids()[:3] == [f"train/{wnid}/images/{wnid}_{k}.JPEG" for k in ("0", "1", "10")]
     assert np.bincount(ds.labels()).tolist() == [3, 3]
+
+
+def test_tiny_imagenet_class_names_come_from_words_txt(tmp_path):
+    root = make_tiny_imagenet(tmp_path, n_classes=3, per_class=1, size=16)
+    wnids = (root / "wnids.txt").read_text().split()
+    # Real words.txt: every ImageNet wnid, synonyms after a tab; two of ours share a name.
+    (root / "words.txt").write_text(
+        "n00001740\tentity\n"
+        f"{wnids[0]}\tEuropean fire salamander, Salamandra salamandra\n"
+        f"{wnids[1]}\tcrane\n{wnids[2]}\tcrane, machine\n"
+    )
+    ds = open_dataset("tiny-imagenet", root, "train", image_size=16)
+    assert ds.class_names == ["European fire salamander", f"crane ({wnids[1]})",
+                              f"crane ({wnids[2]})"]
+    (root / "words.txt").write_text(f"{wnids[1]}\tgoldfish\n")  # missing lines: the wnid
+    assert open_dataset("tiny-imagenet", root, "train", image_size=16).class_names == [
+        wnids[0], "goldfish", wnids[2]]
+    before = ds.fingerprint()
+    (root / "words.txt").unlink()
+    again = open_dataset("tiny-imagenet", root, "train", image_size=16)
+    assert again.class_names == wnids
+    assert again.fingerprint() == before  # names are labels for people, not data
 
 
 def _tiny(tmp_path):

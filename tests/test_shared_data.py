@@ -146,6 +146,9 @@ def test_tiny_imagenet_teacher_precompute_verify_show(tiny_imagenet, tmp_path):
     st = SaliencyStore.open(store, "r")
     sp = st.split("train")
     assert sp.n == len(ds) == 20 * 10 and sp.num_classes == 20
+    # Readable class names from words.txt, one per wnid, recorded in the store.
+    assert sp.class_names == ds.class_names and len(set(ds.class_names)) == 20
+    assert not any(n in ds.wnids for n in ds.class_names)
     assert sp.ids() == ds.ids() and sp.fingerprint == ds.fingerprint()
     assert np.array_equal(sp.read_images(0, sp.n), ds.load_images(0, len(ds)))
     assert st.split("val").n == 20 * 10 and st.split("val").maps() == []

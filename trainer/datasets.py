@@ -564,6 +564,9 @@ class TinyImageNetDataset(_FileDataset):
     files in sorted name order. val: ``val/images/*.JPEG`` in sorted name order, labels and
     boxes in ``val/val_annotations.txt`` (``file wnid x0 y0 x1 y1``). ids are paths relative
     to ``root``. Box coordinates are inclusive pixel indices of the original image.
+    ``wnids`` lists the class ids; ``class_names`` are readable names, the first synonym of
+    each wnid in ``words.txt`` (the wnid itself when that file or its line is missing, and
+    ``name (wnid)`` when two classes share a first synonym).
 
     Options: ``image_size`` (default 64) resizes images (bilinear, antialiased) and rescales
     boxes outward (see :func:`rescale_box`). ``max_per_class`` keeps the first k images of
@@ -588,9 +591,10 @@ class TinyImageNetDataset(_FileDataset):
         self._max_per_class = _positive_int(
             self.name, "max_per_class", max_per_class, allow_none=True
         )
-        self.class_names = self._read_wnids()
-        self.num_classes = len(self.class_names)
-        cls_of = {w: c for c, w in enumerate(self.class_names)}
+        self.wnids = self._read_wnids()
+        self.class_names = self._read_words(self.wnids)
+        self.num_classes = len(self.wnids)
+        cls_of = {w: c for c, w in enumerate(self.wnids)}
         if split == "train":
             files, labels, boxes = self._scan_train(cls_of)
         else:
@@ -624,6 +628,21 @@ class TinyImageNetDataset(_FileDataset):
             raise SatError(f"{path} lists no classes")
         return wnids
 
+    def _read_words(self, wnids: list[str]) -> list[str]:
+        """Readable class names from ``words.txt`` (``wnid<TAB>synonym, synonym, ...``)."""
+        path = self.root / "words.txt"
+        first: dict[str, str] = {}
+        if path.is_file():
+            wanted = set(wnids)
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    wnid, _, words = line.rstrip("\n").partition("\t")
+                    if wnid in wanted and words.strip():
+                        first[wnid] = words.split(",")[0].strip()
+        names = [first.get(w, w) for w in wnids]
+        shared = {n for n in names if names.count(n) > 1}
+        return [f"{n} ({w})" if n in shared and n != w else n for n, w in zip(names, wnids, strict=True)]
+
     def _scan_train(self, cls_of: dict[str, int]):
         train = self.root / "train"
         if not train.is_dir():
@@ -640,7 +659,7 @@ class TinyImageNetDataset(_FileDataset):
         files: list[Path] = []
         labels: list[int] = []
         names_per_class = []
-        for wnid in self.class_names:
+        for wnid in self.wnids:
             img_dir = train / wnid / "images"
             if not img_dir.is_dir():
                 raise SatError(
@@ -655,7 +674,7 @@ class TinyImageNetDataset(_FileDataset):
             raise SatError(f"dataset {self.name!r}: no images under {train}")
         self._native = _image_size(files[0])
         boxes: list[Box | None] = []
-        for wnid, names in zip(self.class_names, names_per_class, strict=True):
+        for wnid, names in zip(self.wnids, names_per_class, strict=True):
             table = self._read_train_boxes(train / wnid / f"{wnid}_boxes.txt")
             boxes += [table.get(f) for f in names]
         return files, labels, boxes
