@@ -12,6 +12,7 @@ from tests.nets import Linear
 from trainer.attacks import (
     ATTACKS,
     evaluate_attack,
+    input_grad,
     list_attacks,
     parse_attack,
     pgd,
@@ -346,3 +347,55 @@ def test_evaluate_attack_matches_a_manual_loop_and_restores_mode(trained):
         assert res8["accuracy"] == pytest.approx(acc(net, x8.float() / 255, y))
     finally:
         net.eval()
+
+
+# --------------------------------------------------------------------------- mixed precision
+
+
+def _trades_like_grads(scaled: bool):
+    """Input gradients of TRADES' KL just off x (tiny), in float32 and under float16 autocast
+    (CPU autocast stands in for CUDA's here)."""
+    from trainer import attacks
+    from trainer.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model("resnet10", 10, width=16).eval()
+    x = torch.rand(16, 3, 32, 32)
+    x_adv = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        p_nat = F.softmax(net(x).float(), dim=1)
+
+    def kl(z):
+        return F.kl_div(F.log_softmax(z.float(), dim=1), p_nat, reduction="none").sum(1)
+
+    fp32 = attacks.input_grad(net, x_adv, kl)
+    scale = attacks.AMP_GRAD_SCALE
+    if not scaled:
+        attacks.AMP_GRAD_SCALE = 1.0
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            amp = attacks.input_grad(net, x_adv, kl)
+    finally:
+        attacks.AMP_GRAD_SCALE = scale
+    return fp32, amp
+
+
+def test_input_gradients_under_autocast_do_not_underflow():
+    fp32, amp = _trades_like_grads(scaled=True)
+    assert amp.dtype == torch.float32 and torch.isfinite(amp).all()
+    assert (amp == 0).float().mean() < 0.001  # unscaled float16 zeroes about 20 % of them
+    assert (amp.sign() == fp32.sign()).float().mean() > 0.75
+    assert 0.5 < amp.abs().mean() / fp32.abs().mean() < 2  # scaled back (not 4096 times)
+    _, unscaled = _trades_like_grads(scaled=False)
+    assert (unscaled == 0).float().mean() > 0.05  # what the scaling is for
+    assert (unscaled.sign() == fp32.sign()).float().mean() < (amp.sign() == fp32.sign()).float().mean() - 0.1
+
+
+def test_an_overflowing_scaled_gradient_is_recomputed_in_float32():
+    net = Linear(torch.randn(3, 2 * 4 * 4), torch.zeros(3))
+    x = torch.rand(4, 2, 4, 4)
+    huge = lambda z: 1e4 * z.float().sum(1)  # noqa: E731 - times 4096 overflows float16
+    want = input_grad(net, x, huge)
+    with torch.autocast("cpu", dtype=torch.float16):
+        got = input_grad(net, x, huge)
+    assert torch.isfinite(got).all() and torch.allclose(got, want)

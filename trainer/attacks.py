@@ -88,17 +88,35 @@ def per_sample_loss(logits: torch.Tensor, y: torch.Tensor, loss: str = "ce") -> 
     raise SatError(f"unknown attack loss {loss!r}; choose one of: {', '.join(LOSSES)}")
 
 
+# Under autocast (mixed precision on CUDA) the backward pass runs in float16, where the small
+# input gradients of a batch-summed objective (TRADES' KL near x above all) underflow to zero
+# and lose their sign. The objective is scaled up first, as GradScaler scales the training
+# loss; a scaled gradient that overflows is recomputed in float32.
+AMP_GRAD_SCALE = 2.0**12
+
+
 def input_grad(
     model: torch.nn.Module, x: torch.Tensor, objective: Callable[[torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
     """Gradient of ``objective(model(x)).sum()`` with respect to ``x`` only: ``x``'s shape.
 
-    Works inside ``torch.no_grad()`` callers and never touches parameter ``.grad``.
+    Works inside ``torch.no_grad()`` callers and never touches parameter ``.grad``. Inside an
+    autocast region the objective is scaled by :data:`AMP_GRAD_SCALE` (and the gradient
+    scaled back), with a float32 recomputation if that overflows.
     """
+    amp = torch.is_autocast_enabled(x.device.type)
     with torch.enable_grad():
         xg = x.detach().clone().requires_grad_(True)
         value = objective(model(xg)).sum()
-        (g,) = torch.autograd.grad(value, [xg])
+        (g,) = torch.autograd.grad(value * AMP_GRAD_SCALE if amp else value, [xg])
+        if amp:
+            if bool(torch.isfinite(g).all()):
+                g = g / AMP_GRAD_SCALE
+            else:
+                with torch.autocast(x.device.type, enabled=False):
+                    xg = x.detach().clone().requires_grad_(True)
+                    value = objective(model(xg)).sum()
+                    (g,) = torch.autograd.grad(value, [xg])
     return g.detach()
 
 
