@@ -59,3 +59,46 @@ def test_torchrun_two_cpu_ranks(tmp_path):
     ).steps_per_epoch(epochs)] * epochs
     assert all(0 <= r["val_acc"] <= 1 for r in rows)
     assert load_checkpoint(out / "checkpoints/last.safetensors").epoch == epochs
+
+
+NAN_ON_RANK_1 = """
+import os
+from pipelines.cli import main
+from trainer.perturb import create_mode
+
+cls = type(create_mode("sat"))
+real, calls = cls.compute, []
+
+def compute(self, *a, **k):
+    loss, logits = real(self, *a, **k)
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 2:
+        loss = loss * float("nan")
+    return loss, logits
+
+cls.compute = compute
+main()
+"""
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_error(tmp_path):
+    # A rank that raised alone would leave the other one waiting in DDP's all-reduce (under
+    # launchers that do not kill the survivors); both stop, each saying where it happened.
+    store = make_store(tmp_path, n=64, n_val=16, chunk_size=16, maps=("mask",))
+    script = tmp_path / "nan_rank1.py"
+    script.write_text(NAN_ON_RANK_1)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script),
+        "train", "--store", store.path, "--mode", "sat", "--map", MASK, "--epochs", "1",
+        "--width", "4", "--batch-size", "8", "--robust-val-samples", "0", "--device", "cpu",
+        "--quiet", "--out", str(tmp_path / "run"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env,
+                          cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "error: loss became nan at epoch 1, step 2 (rank 1)" in out, out[-3000:]
+    assert "error: loss became nan at epoch 1, step 2 (another rank)" in out, out[-3000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -202,6 +202,23 @@ def test_resume_with_another_mode_map_or_width_is_refused_and_changes_nothing(st
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_a_non_finite_loss_stops_the_run_with_its_step_and_saves_nothing(store, tmp_path, monkeypatch):
+    sat_cls = type(create_mode("sat"))
+    real, calls = sat_cls.compute, []
+
+    def nan_on_step_3(self, *a, **k):
+        loss, logits = real(self, *a, **k)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 3 else loss), logits
+
+    monkeypatch.setattr(sat_cls, "compute", nan_on_step_3)
+    out = tmp_path / "nan"
+    with pytest.raises(SatError, match=r"^loss became nan at epoch 1, step 3; nothing was saved"):
+        run(config(store, out, "sat"))
+    assert len(calls) == 3  # stopped before the optimiser took the bad step
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+
+
 def test_a_new_run_replaces_old_metrics(store, tmp_path):
     cfg = config(store, tmp_path / "again", "standard", epochs=2)
     run(cfg)

@@ -120,6 +120,27 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+SYNC_EVERY = 20  # steps between reads of the loss on a GPU
+
+
+def _stop_if_nonfinite(first_bad: torch.Tensor, bad_value: torch.Tensor, epoch: int) -> None:
+    """Raise if any step (on any rank) had a non-finite loss. Under DDP every rank takes part
+    and stops together: a rank that raised alone would leave the others waiting forever in
+    the gradient all-reduce."""
+    rank, world = _dist_info()
+    flag = first_bad
+    if world > 1:
+        flag = first_bad.clone()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    step = int(flag.item())
+    if step:
+        where = f"epoch {epoch + 1}, step {step}"
+        if world > 1:
+            where += f" (rank {rank})" if int(first_bad.item()) == step else " (another rank)"
+        value = bad_value.item() if int(first_bad.item()) == step else float("nan")
+        raise SatError(f"loss became {value} at {where}; nothing was saved for this epoch")
+
+
 def _all_sum(values: list[float], device: torch.device) -> list[float]:
     rank, world = _dist_info()
     if world == 1:
@@ -262,6 +283,11 @@ def fit(
         )
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    if resume and use_amp and ck.extra.get("grad_scaler"):
+        scaler.load_state_dict(ck.extra["grad_scaler"])  # the loss scale a resume continues
+    # Reading the loss back (NaN check, progress bar) makes the host wait for the device: on
+    # the CPU that costs nothing, so every step; on a GPU every SYNC_EVERY steps.
+    sync_every = 1 if device.type == "cpu" else SYNC_EVERY
     arch = getattr(base, "arch", {})
     row: dict[str, Any] = {}
 
@@ -269,7 +295,12 @@ def fit(
         net.train()
         gen = torch.Generator(device=device).manual_seed(epoch_seed(cfg.seed, epoch, rank, 1))
         t0 = time.perf_counter()
-        loss_sum = correct = seen = 0.0
+        # Running sums stay on the device; first_bad is the first step with a non-finite loss.
+        loss_sum_t = torch.zeros((), dtype=torch.float64, device=device)
+        correct_t = torch.zeros((), dtype=torch.int64, device=device)
+        first_bad = torch.zeros((), dtype=torch.int64, device=device)
+        bad_value = torch.zeros((), dtype=torch.float32, device=device)
+        seen = 0
         steps = 0
         batches = train.epoch_batches(epoch)
         bar = tqdm(
@@ -286,8 +317,12 @@ def fit(
                 )
             with torch.autocast(device_type=device.type, enabled=use_amp):
                 loss, logits = mode.loss(net, x, y, maps or None, epoch=float(epoch), generator=gen)
-            if not torch.isfinite(loss):
-                raise SatError(f"loss became {loss.item()} at epoch {epoch + 1}, step {steps + 1}")
+            lv = loss.detach()
+            newly_bad = (first_bad == 0) & ~torch.isfinite(lv)
+            first_bad = torch.where(newly_bad, steps + 1, first_bad)
+            bad_value = torch.where(newly_bad, lv.float(), bad_value)
+            if (steps + 1) % sync_every == 0:
+                _stop_if_nonfinite(first_bad, bad_value, epoch)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -295,14 +330,17 @@ def fit(
             scheduler.step()
             steps += 1
             b = y.numel()
-            loss_sum += loss.item() * b
-            correct += (logits.detach().argmax(1) == y).sum().item()
+            loss_sum_t += lv.double() * b
+            correct_t += (logits.detach().argmax(1) == y).sum()
             seen += b
-            # No forced redraw: the bar redraws at its own interval (every 30 s in a log).
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                            refresh=False)
+            if steps % sync_every == 0:
+                # No forced redraw: the bar redraws at its own interval (every 30 s in a log).
+                bar.set_postfix(loss=f"{loss_sum_t.item() / seen:.3f}",
+                                acc=f"{correct_t.item() / seen:.3f}", refresh=False)
             bar.update(1)
         bar.close()
+        _stop_if_nonfinite(first_bad, bad_value, epoch)
+        loss_sum, correct = loss_sum_t.item(), float(correct_t.item())
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         epoch_time = time.perf_counter() - t0
@@ -334,7 +372,8 @@ def fit(
             ck = Checkpoint(
                 arch=arch, model_state=base.state_dict(), epoch=epoch + 1, config=run_config,
                 optim_state=optimizer.state_dict(), sched_state=scheduler.state_dict(),
-                extra={"best": best, "metrics": row, **(extra or {})},
+                extra={"best": best, "metrics": row, "grad_scaler": scaler.state_dict(),
+                       **(extra or {})},
             )
             # The metrics row and best go first and last.safetensors last: a run killed in
             # between resumes from the previous epoch, and the resume drops the extra row.
