@@ -77,15 +77,25 @@ def _init_distributed(device: str) -> tuple[int, int, str]:
         return 0, 1, device
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend=backend)
-    rank = dist.get_rank()
-    if device.startswith("cuda"):
+    cuda = device.startswith("cuda")
+    if cuda:
+        # One GPU per rank, chosen before the process group exists (NCCL binds to it). A
+        # launcher that gives each rank its own CUDA_VISIBLE_DEVICES leaves one device: 0.
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    return rank, world, device
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise SatError(f"--device {device} under torchrun, but no CUDA device is visible")
+        index = local if local < count else 0 if count == 1 else -1
+        if index < 0:
+            raise SatError(f"LOCAL_RANK {local} but only {count} CUDA devices are visible")
+        torch.cuda.set_device(index)
+        device = f"cuda:{index}"
+    if not dist.is_initialized():
+        if cuda:
+            dist.init_process_group(backend="nccl", device_id=torch.device(device))
+        else:
+            dist.init_process_group(backend="gloo")
+    return dist.get_rank(), world, device
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
@@ -110,7 +120,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         seed=cfg.loop.seed, buffer_blocks=cfg.buffer_blocks, images_from=images_from,
         rank=rank, world_size=world, allow_partial=cfg.allow_partial, storage_options=opts,
     )
-    train = WorkerLoader(stream, cfg.workers)
+    train = WorkerLoader(stream, cfg.workers, pin_memory=torch.device(device).type == "cuda")
     st = SaliencyStore.open(cfg.store, "r", storage_options=opts)
     val = None
     if cfg.val_split and cfg.val_split in st.splits():

@@ -394,3 +394,44 @@ def test_default_buffer_mixes_a_class_sorted_store(tmp_path):
     assert min(per_batch) >= 6, per_batch
     few = StoreStream(tmp_path / "sorted.zarr", "train", batch_size=32, seed=0, buffer_blocks=1)
     assert max(len(np.unique(b.labels.numpy())) for b in few.iter_epoch(0)) <= 2
+
+
+def test_map_decoder_leaves_its_device_tables_behind_when_pickled():
+    # DataLoader workers under spawn/forkserver receive the stream pickled; a cached CUDA
+    # table would start a CUDA context in every worker.
+    import pickle
+
+    from trainer.loader import MapDecoder, MapSpec
+
+    dec = MapDecoder(MapSpec("m", "ternary", (3, 4, 4)))
+    packed = torch.zeros(2, 12, dtype=torch.uint8)
+    want = dec(packed)
+    assert dec._on  # the table was cached for the CPU
+    copy = pickle.loads(pickle.dumps(dec))
+    assert copy._on == {} and dec._on
+    assert torch.equal(copy(packed), want)
+
+
+def test_pinned_loading_pins_every_tensor_of_a_batch(store, monkeypatch):
+    # Page-locked batches make the loop's non_blocking copies to a GPU asynchronous. No GPU
+    # here, so Tensor.pin_memory is replaced by a marker.
+    from torch.utils.data._utils.pin_memory import pin_memory as dataloader_pin
+
+    pinned = []
+
+    def fake_pin(self, *a, **k):
+        out = self.clone()
+        pinned.append(out)
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    stream = StoreStream(store.path, "train", [MASK, GBP], batch_size=16, seed=0)
+    batches = list(WorkerLoader(stream, 0, pin_memory=True).epoch_batches(0))
+    assert len(pinned) == 5 * len(batches)  # images, labels, index and both maps
+    assert all(any(t is p for p in pinned) for b in batches for t in (b.images, *b.maps))
+    # DataLoader's pin_memory thread (workers > 0) calls the same method on a Batch.
+    b = batches[0]
+    again = dataloader_pin(b)
+    assert type(again) is type(b) and torch.equal(again.images, b.images)
+    plain = list(WorkerLoader(stream, 0).epoch_batches(0))
+    assert len(pinned) == 5 * len(batches) + 5 and len(plain) == len(batches)

@@ -56,6 +56,11 @@ class MapDecoder:
         self._table = table.view(word).reshape(256) if word is not None else table
         self._on: dict[torch.device, torch.Tensor] = {}
 
+    def __getstate__(self) -> dict:
+        # Device copies of the table stay behind when a DataLoader worker receives the
+        # decoder (spawn/forkserver pickle it): a CUDA tensor would start a CUDA context there.
+        return {**self.__dict__, "_on": {}}
+
     def __call__(self, packed: torch.Tensor) -> torch.Tensor:
         table = self._on.get(packed.device)
         if table is None:
@@ -298,7 +303,11 @@ class StoreStream(torch.utils.data.IterableDataset):
 
 
 class WorkerLoader:
-    """A :class:`BatchSource` that runs a :class:`StoreStream` in DataLoader worker processes."""
+    """A :class:`BatchSource` that runs a :class:`StoreStream` in DataLoader worker processes.
+
+    ``pin_memory`` (for CUDA training) puts each batch in page-locked memory, so that the
+    loop's ``non_blocking`` copies to the GPU overlap with its work.
+    """
 
     def __init__(self, stream: StoreStream, num_workers: int, pin_memory: bool = False) -> None:
         self.stream = stream
@@ -309,7 +318,8 @@ class WorkerLoader:
 
     def epoch_batches(self, epoch: int) -> Iterator[Batch]:
         if self.num_workers <= 0:
-            return self.stream.iter_epoch(epoch)
+            batches = self.stream.iter_epoch(epoch)
+            return (b.pin_memory() for b in batches) if self.pin_memory else batches
         self.stream.set_epoch(epoch)
         dl = torch.utils.data.DataLoader(
             self.stream, batch_size=None, num_workers=self.num_workers,

@@ -72,6 +72,11 @@ class Batch:
     index: torch.Tensor
     maps: list[torch.Tensor]
 
+    def pin_memory(self) -> Batch:
+        """This batch in page-locked memory (DataLoader's ``pin_memory`` calls this)."""
+        return Batch(self.images.pin_memory(), self.labels.pin_memory(),
+                     self.index.pin_memory(), [m.pin_memory() for m in self.maps])
+
 
 class BatchSource(Protocol):
     """What the loop needs from a data source (a store stream or an in-memory array)."""
