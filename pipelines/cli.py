@@ -22,10 +22,26 @@ from saliency_cache.errors import SatError
 
 @click.group(cls=ErrorReportingGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="sat-pipeline")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Saliency-based adversarial training: precompute saliency maps into a store, train, evaluate."""
+    _one_process_unless_training(ctx.invoked_subcommand)
     tune_allocator()
     _quiet_progress_in_logs()
+
+
+_SINGLE_PROCESS = ("teacher", "precompute", "eval", "report", "demo", "compare")
+
+
+def _one_process_unless_training(command: str | None) -> None:
+    """Only ``sat train`` runs data-parallel. The other stages, started by torchrun, would run
+    the whole job once per rank, every copy writing the same files."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if command in _SINGLE_PROCESS and world.isdigit() and int(world) > 1:
+        raise SatError(
+            f"`sat {command}` runs in one process, but WORLD_SIZE={world} (torchrun?); "
+            "only `sat train` runs under torchrun (precompute parallelises with --workers)"
+        )
 
 
 def _quiet_progress_in_logs() -> None:

@@ -159,6 +159,10 @@ CASES: dict[str, Case] = {
     "train: map with a damaged chunk": (lambda w: [
         "train", "--store", str(w.damaged), "--mode", "sat", "--map", "mask", "--epochs", "1",
         "--width", "4", "--out", str(w.run), *CPU], "chunk 0"),
+    "train: resume with another mode": (lambda w: [
+        "train", "--store", w.store, "--mode", "standard", "--epochs", "2", "--width", "4",
+        "--batch-size", "32", "--robust-val-samples", "0", "--out", str(w.run), "--resume",
+        *CPU], "--resume: mode was 'sat'"),
     # eval
     "eval: missing checkpoint": (lambda w: [
         "eval", "--checkpoint", str(w.run / "checkpoints" / "nope.safetensors"), "--store",
@@ -213,6 +217,14 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(world, name):
     assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
     _check_one_line_error(res.exit_code, res.stderr, expected)
     assert res.stdout == ""
+    assert _tree_hash(world.base) == before
+
+
+def test_stages_other_than_train_refuse_to_run_once_per_torchrun_rank(world):
+    before = _tree_hash(world.base)
+    res = CliRunner().invoke(main, ["eval", "--checkpoint", world.ckpt, "--store", world.store,
+                                    "--attacks", "pgd5", *CPU], env={"WORLD_SIZE": "2"})
+    _check_one_line_error(res.exit_code, res.stderr, "only `sat train` runs under torchrun")
     assert _tree_hash(world.base) == before
 
 
