@@ -14,6 +14,7 @@ from trainer.saliency import (
     compute_maps,
     create_method,
     gradcampp_weights,
+    ieee_fp32,
     list_methods,
     map_channels,
     method_encoding,
@@ -377,7 +378,21 @@ def test_cuda_matches_cpu(name, resnet, batch):
     model = create_model("resnet10", 5, width=4)
     model.load_state_dict(resnet.state_dict())
     dev = torch.device("cuda")
-    gpu = method.attribute(model.to(dev).eval(), x.to(dev), y.to(dev))
+    with ieee_fp32(dev):  # as compute_maps runs it: no TF32
+        gpu = method.attribute(model.to(dev).eval(), x.to(dev), y.to(dev))
     assert gpu.device.type == "cuda"
     if name != "smoothgrad":  # CUDA draws different noise for the same seed
         torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-5)
+
+
+def test_ieee_fp32_turns_tf32_off_on_cuda_only_and_restores_it():
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    with ieee_fp32(torch.device("cpu")):
+        assert (conv.fp32_precision, matmul.fp32_precision) == before
+    with ieee_fp32(torch.device("cuda", 0)):  # a device object needs no GPU
+        assert conv.fp32_precision == matmul.fp32_precision == "ieee"
+    assert (conv.fp32_precision, matmul.fp32_precision) == before
+    with pytest.raises(RuntimeError), ieee_fp32(torch.device("cuda")):
+        raise RuntimeError("a failing batch")
+    assert (conv.fp32_precision, matmul.fp32_precision) == before

@@ -510,6 +510,26 @@ def to_binary_heatmap(heat: torch.Tensor, threshold: float = 0.5) -> torch.Tenso
     return torch.where(above, 1, -1).to(torch.int8)
 
 
+@contextmanager
+def ieee_fp32(device: torch.device) -> Iterator[None]:
+    """Full float32 convolutions and matrix products on CUDA for the block.
+
+    cuDNN convolutions default to TF32 on Ampere and later GPUs (10-bit mantissa), enough to
+    flip the sign of small gradient elements against a CPU run. Maps are computed once and
+    shared, so precompute pays for IEEE float32. A no-op on other devices.
+    """
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = before
+
+
 def compute_maps(
     method: SaliencyMethod,
     model: nn.Module,
@@ -536,12 +556,13 @@ def compute_maps(
             f"unknown target rule {target_rule!r}; choose one of: {', '.join(TARGET_RULES)}"
         )
     labels = torch.as_tensor(labels, device=x.device).long().reshape(-1)
-    if target_rule == "argmax":
-        with torch.no_grad(), _eval_mode(model):
-            target = model(x).argmax(dim=1)
-    else:
-        target = labels
-    attr = method.attribute(model, x, target)
+    with ieee_fp32(x.device):
+        if target_rule == "argmax":
+            with torch.no_grad(), _eval_mode(model):
+                target = model(x).argmax(dim=1)
+        else:
+            target = labels
+        attr = method.attribute(model, x, target)
     if method.kind == "gradient":
         maps = to_ternary(attr, quantile)
     elif method.kind == "heatmap":
