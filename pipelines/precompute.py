@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -144,9 +145,30 @@ def _log_chunk(job: MapJob, k: int) -> None:
 
 
 def run_map_job_in_worker(job: MapJob) -> int:
-    """:func:`run_map_job` as a dask task: tunes the worker's allocator first."""
+    """:func:`run_map_job` as a dask task: tunes the worker's allocator first, and spreads the
+    workers of a ``cuda`` precompute over the visible GPUs."""
+    import torch
+
     tune_allocator()
+    if job.device == "cuda" and torch.cuda.device_count() > 1:
+        from distributed import get_worker
+
+        job = replace(job, device=worker_device(job.device, get_worker().name,
+                                                 torch.cuda.device_count()))
     return run_map_job(job)
+
+
+def worker_device(device: str, worker_name: object, gpus: int) -> str:
+    """The device a dask worker computes on: a plain ``cuda`` becomes ``cuda:i`` with ``i``
+    the worker's number (a local cluster names its workers 0, 1, ...) or, for other names, a
+    stable hash of the name, modulo the GPU count. Any other device is kept."""
+    if device != "cuda" or gpus <= 1:
+        return device
+    if isinstance(worker_name, int) or (isinstance(worker_name, str) and worker_name.isdigit()):
+        index = int(worker_name)
+    else:
+        index = zlib.crc32(str(worker_name).encode())
+    return f"cuda:{index % gpus}"
 
 
 def _load_teacher(job: MapJob, device):

@@ -592,3 +592,15 @@ def test_io_overlap_follows_the_cpus_the_process_may_use():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["1", "False"]
+
+
+def test_dask_workers_of_a_cuda_precompute_spread_over_the_gpus():
+    from pipelines.precompute import worker_device
+
+    assert [worker_device("cuda", i, 2) for i in range(4)] == ["cuda:0", "cuda:1"] * 2
+    assert worker_device("cuda", "3", 4) == "cuda:3"  # local cluster names, as strings too
+    named = worker_device("cuda", "tcp://10.0.0.7:4001", 4)
+    assert named.startswith("cuda:") and named == worker_device("cuda", "tcp://10.0.0.7:4001", 4)
+    assert worker_device("cuda", 5, 1) == "cuda"  # one GPU: nothing to spread
+    assert worker_device("cuda:1", 0, 2) == "cuda:1"  # an explicit device is kept
+    assert worker_device("cpu", 1, 2) == "cpu"
