@@ -127,7 +127,7 @@ def test_encoding_rule_and_missing_counts(tmp_path):
     root = make_tiny_imagenet(tmp_path / "t", n_classes=2, per_class=3)
     tiny = open_dataset("tiny-imagenet", root, "train", image_size=16)
     assert weak_encoding(tiny, "box") == ("binary", 0)
-    wnid = tiny.class_names[1]
+    wnid = tiny.wnids[1]
     boxes = root / "train" / wnid / f"{wnid}_boxes.txt"
     boxes.write_text("\n".join(boxes.read_text().splitlines()[:2]) + "\n")  # drop image _2's box
     tiny = open_dataset("tiny-imagenet", root, "train", image_size=16)
