@@ -330,9 +330,11 @@ def fit(
                 _stop_if_nonfinite(first_bad, bad_value, epoch)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            scale = scaler.get_scale() if use_amp else 1.0
+            scaler.step(optimizer)  # skipped by AMP when the scaled gradients overflowed
+            scaler.update()  # which lowers the scale: then the schedule waits too
+            if not use_amp or scaler.get_scale() >= scale:
+                scheduler.step()
             steps += 1
             b = y.numel()
             loss_sum_t += lv.double() * b
