@@ -66,3 +66,27 @@ def test_same_generator_seed_same_augmentation():
     a = random_crop_flip(images, [maps], padding=4, flip=True, generator=torch.Generator().manual_seed(9))
     b = random_crop_flip(images, [maps], padding=4, flip=True, generator=torch.Generator().manual_seed(9))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1][0], b[1][0])
+
+
+def test_crop_and_flip_together_on_non_square_images():
+    images, maps = _image_and_map(b=24, c=3, h=6, w=10, seed=3)
+    p = 2
+    out_img, (out_map,) = random_crop_flip(
+        images, [maps], padding=p, flip=True, generator=torch.Generator().manual_seed(4)
+    )
+    pimg = torch.nn.functional.pad(images, (p, p, p, p))
+    pmap = torch.nn.functional.pad(maps, (p, p, p, p))
+    flips = 0
+    for i in range(images.shape[0]):
+        # Every (offset, flip) that reproduces the image must also reproduce the map.
+        hits = [(oy, ox, f) for oy in range(2 * p + 1) for ox in range(2 * p + 1) for f in (0, 1)
+                if torch.equal(_view(pimg[i], oy, ox, 6, 10, f), out_img[i])]
+        assert hits, i
+        assert all(torch.equal(_view(pmap[i], oy, ox, 6, 10, f), out_map[i]) for oy, ox, f in hits)
+        flips += all(f for _, _, f in hits)
+    assert 0 < flips < images.shape[0]
+
+
+def _view(padded, oy, ox, h, w, flipped):
+    crop = padded[:, oy:oy + h, ox:ox + w]
+    return crop.flip(-1) if flipped else crop

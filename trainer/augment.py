@@ -30,18 +30,26 @@ def random_crop_flip(
     # augmentation then costs about the same with or without maps (SAT vs standard).
     widths = [c] + [m.shape[1] for m in maps]
     stack = torch.cat([images] + [m.to(images.dtype) for m in maps], dim=1) if maps else images
-    if padding > 0:
-        oy = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=dev)
-        ox = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=dev)
-        rows = (oy[:, None] + torch.arange(h, device=dev)[None, :])[:, None, :, None]
-        cols = (ox[:, None] + torch.arange(w, device=dev)[None, :])[:, None, None, :]
-        bidx = torch.arange(b, device=dev)[:, None, None, None]
-        cidx = torch.arange(stack.shape[1], device=dev)[None, :, None, None]
-        padded = torch.nn.functional.pad(stack, (padding, padding, padding, padding))
-        stack = padded[bidx, cidx, rows, cols]
-    if flip:
-        do = torch.rand(b, generator=generator, device=dev) < 0.5
-        stack = torch.where(do[:, None, None, None], stack.flip(-1), stack)
+    if padding > 0 or flip:
+        # Each output pixel's position in the padded sample, flattened: one gather along
+        # H*W does the crop and the flip (~6x faster on CPU than advanced indexing).
+        p = max(padding, 0)
+        if p > 0:
+            oy = torch.randint(0, 2 * p + 1, (b,), generator=generator, device=dev)
+            ox = torch.randint(0, 2 * p + 1, (b,), generator=generator, device=dev)
+            stack = torch.nn.functional.pad(stack, (p, p, p, p))
+        else:
+            oy = ox = torch.zeros(b, dtype=torch.int64, device=dev)
+        rows = oy[:, None] + torch.arange(h, device=dev)[None, :]  # (B, h)
+        cols = ox[:, None] + torch.arange(w, device=dev)[None, :]  # (B, w)
+        if flip:
+            do = torch.rand(b, generator=generator, device=dev) < 0.5
+            cols = torch.where(do[:, None], cols.flip(-1), cols)  # the crop, mirrored
+        width = w + 2 * p
+        ch = stack.shape[1]
+        index = (rows[:, :, None] * width + cols[:, None, :]).reshape(b, 1, h * w)
+        flat = stack.reshape(b, ch, (h + 2 * p) * width).gather(2, index.expand(b, ch, h * w))
+        stack = flat.reshape(b, ch, h, w)
     if not maps:
         return stack, []
     parts = torch.split(stack, widths, dim=1)
