@@ -85,8 +85,11 @@ def _init_distributed(device: str) -> tuple[int, int, str]:
         count = torch.cuda.device_count()
         if count == 0:
             raise SatError(f"--device {device} under torchrun, but no CUDA device is visible")
-        index = local if local < count else 0 if count == 1 else -1
-        if index < 0:
+        if local < count:
+            index = local
+        elif count == 1:
+            index = 0
+        else:
             raise SatError(f"LOCAL_RANK {local} but only {count} CUDA devices are visible")
         torch.cuda.set_device(index)
         device = f"cuda:{index}"

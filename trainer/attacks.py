@@ -104,20 +104,19 @@ def input_grad(
     autocast region the objective is scaled by :data:`AMP_GRAD_SCALE` (and the gradient
     scaled back), with a float32 recomputation if that overflows.
     """
-    amp = torch.is_autocast_enabled(x.device.type)
-    with torch.enable_grad():
-        xg = x.detach().clone().requires_grad_(True)
-        value = objective(model(xg)).sum()
-        (g,) = torch.autograd.grad(value * AMP_GRAD_SCALE if amp else value, [xg])
-        if amp:
-            if bool(torch.isfinite(g).all()):
-                g = g / AMP_GRAD_SCALE
-            else:
-                with torch.autocast(x.device.type, enabled=False):
-                    xg = x.detach().clone().requires_grad_(True)
-                    value = objective(model(xg)).sum()
-                    (g,) = torch.autograd.grad(value, [xg])
-    return g.detach()
+    def grad(scale: float) -> torch.Tensor:
+        with torch.enable_grad():
+            xg = x.detach().clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(objective(model(xg)).sum() * scale, [xg])
+        return g.detach()
+
+    if not torch.is_autocast_enabled(x.device.type):
+        return grad(1.0)
+    g = grad(AMP_GRAD_SCALE)
+    if bool(torch.isfinite(g).all()):
+        return g / AMP_GRAD_SCALE
+    with torch.autocast(x.device.type, enabled=False):
+        return grad(1.0)
 
 
 def true_logit_grad(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

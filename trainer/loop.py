@@ -139,10 +139,11 @@ def _stop_if_nonfinite(first_bad: torch.Tensor, bad_value: torch.Tensor, epoch: 
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     step = int(flag.item())
     if step:
+        here = int(first_bad.item()) == step
         where = f"epoch {epoch + 1}, step {step}"
         if world > 1:
-            where += f" (rank {rank})" if int(first_bad.item()) == step else " (another rank)"
-        value = bad_value.item() if int(first_bad.item()) == step else float("nan")
+            where += f" (rank {rank})" if here else " (another rank)"
+        value = bad_value.item() if here else float("nan")
         raise SatError(f"loss became {value} at {where}; nothing was saved for this epoch")
 
 
