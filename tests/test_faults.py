@@ -37,6 +37,7 @@ from tests.helpers import (
     one_line_error,
     teacher_provenance,
 )
+from tests.runs import assert_same_weights, metrics_rows, untimed, without_times
 from trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from trainer.loader import StoreStream
 
@@ -266,20 +267,6 @@ def test_stream_accepts_a_clean_partial_map(tmp_path):
 
 
 # ---- training -----------------------------------------------------------------------------
-_TIMES = ("epoch_time_s", "images_per_s")
-
-
-def _rows(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-
-
-def _untimed(row: dict) -> dict:
-    return {k: v for k, v in row.items() if k not in _TIMES}
-
-
 def test_killed_training_resumes_to_the_same_result(train_store, tmp_path):
     # PGD-SAT (5 PGD steps on half the batches) makes an epoch last long enough (~0.3 s) to
     # kill the run inside the second one.
@@ -316,16 +303,15 @@ def test_killed_training_resumes_to_the_same_result(train_store, tmp_path):
     # run's own (their timings included), and only the later epochs were run again.
     lines_after = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert lines_after[:epoch] == lines_before[:epoch]
-    rows, ref_rows = _rows(run_dir), _rows(ref_dir)
+    rows, ref_rows = metrics_rows(run_dir), metrics_rows(ref_dir)
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
-    assert [_untimed(r) for r in rows] == [_untimed(r) for r in ref_rows]
+    assert without_times(rows) == without_times(ref_rows)
     final = json.loads((run_dir / "result.json").read_text())
     ref_final = json.loads((ref_dir / "result.json").read_text())
-    assert _untimed(final["final"]) == _untimed(ref_final["final"])
+    assert untimed(final["final"]) == untimed(ref_final["final"])
     assert final["best"] == ref_final["best"]
     a = load_checkpoint(run_dir / "checkpoints" / "last.safetensors")
     b = load_checkpoint(ref_dir / "checkpoints" / "last.safetensors")
     assert a.epoch == b.epoch == 4
-    assert a.model_state.keys() == b.model_state.keys()
-    for k, v in b.model_state.items():
-        assert torch.equal(a.model_state[k], v), k
+    assert_same_weights(run_dir / "checkpoints" / "last.safetensors",
+                        ref_dir / "checkpoints" / "last.safetensors")

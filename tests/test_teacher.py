@@ -16,6 +16,7 @@ from pipelines.cli import main
 from pipelines.common import DataSpec
 from pipelines.teacher import TeacherConfig, describe_teacher, run
 from saliency_cache.errors import SatError
+from tests.runs import assert_same_weights, metrics_rows, without_times
 from trainer.checkpoint import file_sha256, load_checkpoint, load_model
 from trainer.loop import LoopConfig
 
@@ -39,10 +40,6 @@ def _weight_sparsity(model: nn.Module) -> float:
     """Exact zeros among every convolution and linear weight, counted here independently."""
     ws = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     return sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
-
-
-def _metrics_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +67,7 @@ def test_standard_teacher_writes_safetensors_json_and_metrics_log(standard):
     assert cfg["data"]["options"]["n"] == 64 and cfg["loop"]["epochs"] == 1
     assert 0.0 <= info["metrics"]["val_acc"] <= 1.0 and info["metrics"]["epoch"] == 1
 
-    rows = _metrics_rows(out / "metrics.jsonl")
+    rows = metrics_rows(out)
     assert [r["epoch"] for r in rows] == [1]
     assert rows[0]["mode"] == "standard" and rows[0]["loss"] > 0 and "val_acc" in rows[0]
 
@@ -104,7 +101,7 @@ def test_adversarial_teacher_trains_on_pgd_examples(standard, tmp_path):
     res = _train(tmp_path / "adv", "adversarial")
     info = json.loads((tmp_path / "adv" / "teacher.json").read_text())
     assert info["mode"] == "adversarial" and res["sparsity"] is None
-    rows = _metrics_rows(tmp_path / "adv" / "metrics.jsonl")
+    rows = metrics_rows(tmp_path / "adv")
     assert [r["mode"] for r in rows] == ["pgd"]  # the loop ran the PGD-AT training mode
     adv, ck = load_model(tmp_path / "adv" / "teacher.safetensors", "cpu")
     assert ck.extra["teacher_mode"] == "adversarial"
@@ -134,7 +131,7 @@ def test_sparse_teacher_from_the_cli_is_95_percent_zeros(tmp_path):
     with safe_open(str(out / "teacher.safetensors"), framework="pt") as f:
         assert not [k for k in f.keys() if k.endswith(("_orig", "_mask"))]
     # Every prune + fine-tune phase is logged, its sparsity rising to the target.
-    phase_sparsity = [_metrics_rows(out / f"prune{k}" / "metrics.jsonl")[-1]["sparsity"] for k in (1, 2)]
+    phase_sparsity = [metrics_rows(out / f"prune{k}")[-1]["sparsity"] for k in (1, 2)]
     assert phase_sparsity[0] < phase_sparsity[1] and phase_sparsity[1] >= 0.95
     assert len(info["phases"]) == 3  # dense training, then two prune steps
     assert (out / "metrics.jsonl").is_file()
@@ -172,24 +169,9 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
 
 # --------------------------------------------------------------------------- resume
 
-_TIMES = ("epoch_time_s", "images_per_s")
-
-
-def _rows_without_times(path: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in _TIMES} for r in _metrics_rows(path)]
-
-
 def _sparse(out: Path, **kw) -> TeacherConfig:
     return TeacherConfig(data=DATA, out=str(out), width=4, mode="sparse", loop=_loop(),
                          batch_size=32, prune_steps=2, finetune_epochs=2, device="cpu", **kw)
-
-
-def _assert_same_teacher(a: Path, b: Path) -> None:
-    wa = load_checkpoint(a / "teacher.safetensors").model_state
-    wb = load_checkpoint(b / "teacher.safetensors").model_state
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
 
 
 @pytest.fixture(scope="module")
@@ -229,12 +211,12 @@ def test_sparse_teacher_killed_mid_pruning_resumes_to_the_same_weights(
     res = run(_sparse(out, resume=True))
     assert len(calls) == 5 - (die_at - 1)  # only the epochs the killed run had not saved
     full_info = json.loads((sparse_full / "teacher.json").read_text())
-    _assert_same_teacher(out, sparse_full)
+    assert_same_weights(out / "teacher.safetensors", sparse_full / "teacher.safetensors")
     assert res["config"]["resume"] is True  # the export records that it was resumed
     assert res["sparsity"] == full_info["sparsity"] >= 0.95
     for sub in (".", "prune1", "prune2"):
-        assert _rows_without_times(out / sub / "metrics.jsonl") == \
-            _rows_without_times(sparse_full / sub / "metrics.jsonl"), sub
+        assert without_times(metrics_rows(out / sub)) == \
+            without_times(metrics_rows(sparse_full / sub)), sub
 
 
 def test_resuming_a_finished_teacher_exports_it_again_without_training(sparse_full, tmp_path):
@@ -244,7 +226,7 @@ def test_resuming_a_finished_teacher_exports_it_again_without_training(sparse_fu
     shutil.copytree(sparse_full, out)
     before = {p: p.read_bytes() for p in out.rglob("*.jsonl")}
     run(_sparse(out, resume=True))
-    _assert_same_teacher(out, sparse_full)
+    assert_same_weights(out / "teacher.safetensors", sparse_full / "teacher.safetensors")
     assert {p: p.read_bytes() for p in out.rglob("*.jsonl")} == before  # nothing retrained
 
 
@@ -276,7 +258,7 @@ def test_teacher_resume_continues_to_more_epochs(standard, tmp_path):
         "--robust-val-samples", "8", "--device", "cpu", "--quiet", "--out", str(out), "--resume",
     ])
     assert res.exit_code == 0, res.output
-    assert [r["epoch"] for r in _metrics_rows(out / "metrics.jsonl")] == [1, 2]
+    assert [r["epoch"] for r in metrics_rows(out)] == [1, 2]
     run(TeacherConfig(data=DATA, out=str(tmp_path / "two"), width=4, mode="standard",
                       loop=_loop(epochs=2), batch_size=32, device="cpu"))
-    _assert_same_teacher(out, tmp_path / "two")
+    assert_same_weights(out / "teacher.safetensors", tmp_path / "two" / "teacher.safetensors")

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,11 +19,12 @@ from pipelines.cli import main as sat_cli
 from pipelines.train import TrainConfig, run
 from saliency_cache.errors import MismatchError, SatError
 from tests.helpers import GBP, MASK, make_store
+from tests.runs import TIMES, assert_same_weights, without_times
+from tests.runs import metrics_rows as rows
 from trainer.checkpoint import load_checkpoint
 from trainer.loop import LoopConfig
 from trainer.perturb import PerturbConfig, create_mode, list_modes
 
-TIMES = ("epoch_time_s", "images_per_s")
 ROW_KEYS = {"epoch", "loss", "train_acc", "val_acc", "val_robust_acc", *TIMES}
 
 
@@ -50,25 +50,6 @@ def config(store, out, mode="sat", epochs=1, **kw) -> TrainConfig:
     kw.setdefault("maps", maps_for(mode))
     return TrainConfig(store=store.path, out=str(out), mode=mode, width=4, batch_size=16,
                        loop=loop, device="cpu", **kw)
-
-
-def rows(run_dir) -> list[dict]:
-    return [json.loads(ln) for ln in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
-
-
-def without_times(rs: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMES} for r in rs]
-
-
-def weights(path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(path).model_state
-
-
-def assert_same_weights(a, b) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
 
 
 # --------------------------------------------------------------------------- every mode
