@@ -233,7 +233,7 @@ def corrupt_chunk(shard: Path, k: int, chunks_per_shard: int) -> None:
 def one_line_error(res) -> str:
     """Assert a click result is a user error: exit 2, one ``error:`` line, no traceback."""
     assert res.exit_code == 2, (res.exit_code, res.output)
-    assert "Traceback" not in res.output
+    assert "Traceback" not in res.output, res.output
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
     return lines[0]

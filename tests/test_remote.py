@@ -103,6 +103,16 @@ class _StaticHost(http.server.SimpleHTTPRequestHandler):
         return io.BytesIO(data[start:stop])
 
 
+class _QuietServer(http.server.ThreadingHTTPServer):
+    """Drops a client's closed keep-alive connection silently. socketserver prints such
+    resets as a traceback on the process's stderr, which click's test runner (capturing that
+    stderr) then counted as the command's own output."""
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 @contextlib.contextmanager
 def serve(directory: Path, *, listings: bool = True, ranges: bool = True):
     """Serve ``directory`` on 127.0.0.1 and a free port; yield ``(base_url, dir_requests)``."""
@@ -112,7 +122,7 @@ def serve(directory: Path, *, listings: bool = True, ranges: bool = True):
         (_StaticHost,),
         {"listings": listings, "ranges": ranges, "dir_requests": dir_requests},
     )
-    server = http.server.ThreadingHTTPServer(
+    server = _QuietServer(
         ("127.0.0.1", 0), functools.partial(handler, directory=str(directory))
     )
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
