@@ -478,7 +478,7 @@ def list_cmd(what: str) -> None:
     elif what == "attacks":
         from trainer.attacks import list_attacks as f
     else:
-        from trainer.datasets import list_datasets as f
+        from trainer.data import list_datasets as f
     click.echo("\n".join(f()))
 
 

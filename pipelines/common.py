@@ -16,7 +16,7 @@ from saliency_cache.errors import SatError
 class DataSpec:
     """Which dataset to read and how: a registered name, a root folder and loader options.
 
-    ``options`` are passed to :func:`trainer.datasets.open_dataset` (e.g. ``image_size``,
+    ``options`` are passed to :func:`trainer.data.open_dataset` (e.g. ``image_size``,
     ``max_per_class``, ``n``, ``seed``). They are part of the data's identity: the same
     spec gives the same fingerprint.
     """
@@ -26,7 +26,7 @@ class DataSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from trainer.datasets import list_datasets
+        from trainer.data import list_datasets
 
         if self.name not in list_datasets():
             raise SatError(
@@ -38,7 +38,7 @@ class DataSpec:
             raise SatError(f"data root does not exist: {self.root}")
 
     def open(self, split: str):
-        from trainer.datasets import open_dataset
+        from trainer.data import open_dataset
 
         return open_dataset(self.name, self.root, split, **self.options)
 

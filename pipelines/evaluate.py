@@ -128,8 +128,8 @@ def _accuracy(model, x, y) -> int:
 
 def run(cfg: EvalConfig) -> dict[str, Any]:
     from trainer.attacks import parse_attack
+    from trainer.attacks.metrics import alignment
     from trainer.checkpoint import load_model
-    from trainer.metrics import alignment
 
     device = torch.device(cfg.device)
     model, ckpt = load_model(cfg.checkpoint, device)

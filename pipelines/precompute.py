@@ -263,7 +263,7 @@ def _job_tasks(job: MapJob, on_job_done=None, writer=None):
         _log_chunk(job, k)
 
     if job.kind == "weak":
-        from trainer.weak import weak_maps
+        from trainer.data.weak import weak_maps
 
         def read(k: int) -> np.ndarray:
             return weak_maps(dataset, *writer.chunk_bounds(k), source=job.weak_source)
@@ -361,8 +361,8 @@ def _ingest(st: SaliencyStore, cfg: PrecomputeConfig, split_name: str, ds):
 def _plan_maps(cfg: PrecomputeConfig, split_name: str, ds) -> list[tuple[str, dict, str, int, dict]]:
     """(name, provenance, encoding, channels, job kwargs) for every map to write in a split."""
     from pipelines.teacher import describe_teacher
+    from trainer.data.weak import weak_encoding
     from trainer.saliency import create_method, map_channels, method_encoding
-    from trainer.weak import weak_encoding
 
     plans = []
     for source in cfg.weak:

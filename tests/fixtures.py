@@ -2,7 +2,7 @@
 
 Every function writes into ``root`` (normally a pytest ``tmp_path``), is deterministic for a
 given ``seed`` and returns the folder to pass as ``root`` to
-:func:`trainer.datasets.open_dataset`:
+:func:`trainer.data.open_dataset`:
 
     root = make_tiny_imagenet(tmp_path, n_classes=2, per_class=3, size=16)
     ds = open_dataset("tiny-imagenet", root, "train", image_size=16)

@@ -160,7 +160,7 @@ def make_store(
 
 
 def _add_weak_map(st, ds, source, chunk_size, shard_chunks) -> str:
-    from trainer.weak import weak_encoding, weak_maps
+    from trainer.data.weak import weak_encoding, weak_maps
 
     enc, missing = weak_encoding(ds, source)
     prov = {"source": source, "method": f"{source}-annotation", "threshold": None,

@@ -355,7 +355,7 @@ def test_evaluate_attack_matches_a_manual_loop_and_restores_mode(trained):
 def _trades_like_grads(scaled: bool):
     """Input gradients of TRADES' KL just off x (tiny), in float32 and under float16 autocast
     (CPU autocast stands in for CUDA's here)."""
-    from trainer import attacks
+    from trainer.attacks import primitives as attacks
     from trainer.models import create_model
 
     torch.manual_seed(0)

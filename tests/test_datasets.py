@@ -26,7 +26,7 @@ from tests.fixtures import (
     make_tiny_imagenet,
     oxford_label_map,
 )
-from trainer.datasets import (
+from trainer.data import (
     DATASETS,
     SHAPES,
     ImageDataset,
@@ -120,7 +120,7 @@ def test_unknown_dataset_and_missing_root(tmp_path):
 
 def test_datasets_module_does_not_import_torch():
     code = (
-        "import sys; import trainer.datasets, trainer.weak, tests.fixtures; "
+        "import sys; import trainer.data, trainer.data.weak, tests.fixtures; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     import subprocess

@@ -195,8 +195,8 @@ def test_robustness_orderings_on_a_trained_model(trained, tmp_path):
 
 def test_alignment_is_the_mean_per_sample_alignment(trained, tmp_path):
     from saliency_cache.store import SaliencyStore
+    from trainer.attacks.metrics import alignment
     from trainer.checkpoint import load_model
-    from trainer.metrics import alignment
 
     summary = run_eval(EvalConfig(
         checkpoint=trained.ckpt, store=trained.store, split="val", max_samples=20,

@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from saliency_cache.errors import SatError
 from tests.nets import Linear
-from trainer.metrics import accuracy, alignment, mean_alignment
+from trainer.attacks.metrics import accuracy, alignment, mean_alignment
 
 
 def linear_case(seed=0, b=6):

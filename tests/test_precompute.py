@@ -33,9 +33,9 @@ from saliency_cache.errors import IncompleteMapError, MismatchError, SatError
 from saliency_cache.store import LOCK_NAME, MapWriter, SaliencyStore
 from tests.fixtures import make_oxford17, make_tiny_imagenet
 from trainer.checkpoint import file_sha256, load_model
+from trainer.data.weak import box_to_map, mask_to_map
 from trainer.loop import LoopConfig
 from trainer.saliency import compute_maps, create_method
-from trainer.weak import box_to_map, mask_to_map
 
 N, SIZE, CLASSES = 64, 16, 4
 DATA = DataSpec(

@@ -23,7 +23,7 @@ from pipelines.cli import main
 from pipelines.common import DataSpec
 from saliency_cache.store import SaliencyStore
 from trainer.checkpoint import file_sha256
-from trainer.weak import box_to_map, mask_to_map
+from trainer.data.weak import box_to_map, mask_to_map
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 32

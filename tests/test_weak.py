@@ -10,8 +10,8 @@ import pytest
 
 from saliency_cache.errors import SatError
 from tests.fixtures import make_cifar_pickles, make_oxford17, make_tiny_imagenet, oxford_label_map
-from trainer.datasets import open_dataset
-from trainer.weak import box_to_map, mask_to_map, missing_annotations, weak_encoding, weak_maps
+from trainer.data import open_dataset
+from trainer.data.weak import box_to_map, mask_to_map, missing_annotations, weak_encoding, weak_maps
 
 
 def _reference_box(box, h, w):

@@ -20,7 +20,7 @@ import numpy as np
 from saliency_cache.errors import SatError
 
 if TYPE_CHECKING:
-    from trainer.datasets import ImageDataset
+    from trainer.data import ImageDataset
 
 SOURCES = ("box", "mask")
 
