@@ -390,6 +390,8 @@ def _plan_maps(cfg: PrecomputeConfig, split_name: str, ds) -> list[tuple[str, di
                 "threshold_kind": "quantile" if enc == "ternary" else "heatmap_fraction",
                 "target_rule": cfg.target_rule, "seed": cfg.seed,
             }
+            if method.version > 1:  # maps of version 1 carry no such key (written before it)
+                prov["method_version"] = method.version
             plans.append(
                 (map_name_from_provenance(prov), prov, enc, map_channels(method, ds.image_shape[0]),
                  {"kind": "teacher", "teacher": t, "method": m,

@@ -101,13 +101,14 @@ def _decoded(store, split: str = "train") -> dict[str, np.ndarray]:
     return {name: sp.open_map(name).read(0, sp.n) for name in sp.maps()}
 
 
-def _expected_teacher_maps(teacher, method: str, *, target_rule="label", quantile=0.0, batch=8):
+def _expected_teacher_maps(teacher, method: str, *, target_rule="label", quantile=0.0, batch=8,
+                           **params):
     """int8 maps of the whole train split, computed here from the teacher checkpoint."""
     model, _ = load_model(teacher, "cpu")
     ds = DATA.open("train")
     x = torch.from_numpy(ds.load_images(0, len(ds))).float() / 255
     y = torch.from_numpy(np.asarray(ds.labels()))
-    m = create_method(method)
+    m = create_method(method, **params)
     with _torch_threads(1):
         parts = [
             compute_maps(m, model, x[s : s + batch], y[s : s + batch],
@@ -304,6 +305,32 @@ def test_quantile_zeroes_small_attributions_and_is_part_of_provenance(teachers, 
     shutil.copytree(reference, copy)
     with pytest.raises(MismatchError, match="threshold"):
         run(_cfg(copy, [t], weak=(), quantile=0.5))
+
+
+def test_smoothgrad_maps_record_their_version_and_refuse_to_resume_an_older_one(teachers, tmp_path):
+    t = teachers["standard"]
+    name = "resnet10-std-smoothgrad"
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    run(_cfg(a, [t], methods=("smoothgrad",), weak=(), method_params={"nt_samples": 4}))
+    run(_cfg(b, [t], methods=("smoothgrad",), weak=(), method_params={"nt_samples": 4},
+             batch_size=5, chunk_size=32))
+    ra = SaliencyStore.open(a, "r").split("train").open_map(name)
+    assert ra.provenance["method_version"] == 2
+    assert np.array_equal(ra.read(0, N), _expected_teacher_maps(t, "smoothgrad", nt_samples=4))
+    # Batch and chunk sizes do not change a byte of the maps.
+    assert np.array_equal(ra.read(0, N), SaliencyStore.open(b, "r").split("train").open_map(name).read(0, N))
+    # A map written before the version existed (no method_version key) stays readable, but a
+    # precompute does not resume it with the new noise.
+    for meta_path in a.rglob("zarr.json"):
+        meta = json.loads(meta_path.read_text())
+        prov = meta.get("attributes", {}).get("provenance")
+        if isinstance(prov, dict) and prov.get("method") == "smoothgrad":
+            del prov["method_version"]
+            meta_path.write_text(json.dumps(meta))
+    old = SaliencyStore.open(a, "r").split("train").open_map(name)
+    assert "method_version" not in old.provenance and old.read(0, N).shape[0] == N
+    with pytest.raises(MismatchError, match="method_version"):
+        run(_cfg(a, [t], methods=("smoothgrad",), weak=(), method_params={"nt_samples": 4}))
 
 
 # ---- the same store whatever the execution -------------------------------------------------

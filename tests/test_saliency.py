@@ -298,6 +298,39 @@ def test_smoothgrad_is_deterministic_for_a_seed(resnet, batch):
     )
 
 
+def test_smoothgrad_is_the_mean_gradient_over_its_noisy_copies(resnet, batch):
+    x, y = batch
+    method = create_method("smoothgrad", nt_samples=3, stdevs=0.2, seed=5)
+    noise = method.noise(x)
+    assert noise.shape == (3, 3, *x.shape[1:]) and noise.dtype == torch.float32
+    assert 0.15 < noise.std().item() < 0.25
+    grad = create_method("gradient")
+    expected = torch.stack([
+        torch.stack([grad.attribute(resnet, x[i : i + 1] + noise[i, k], y[i : i + 1])[0]
+                     for k in range(3)]).mean(0)
+        for i in range(3)
+    ])
+    torch.testing.assert_close(method.attribute(resnet, x, y), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_smoothgrad_does_not_depend_on_batching_or_pass_size(resnet, batch, monkeypatch):
+    """An image's noise is a function of (seed, its bytes) alone, and the noisy copies of a
+    batch share passes: neither the batch an image is in nor the pass size changes its map."""
+    from trainer.saliency.methods import SmoothGrad
+
+    x, y = batch
+    method = create_method("smoothgrad", nt_samples=4, seed=7)
+    swapped = method.attribute(resnet, x.flip(0), y.flip(0)).flip(0)
+    whole, _ = compute_maps(method, resnet, x, y)
+    monkeypatch.setattr(SmoothGrad, "_MAX_PASS_IMAGES", 4)  # one image (4 copies) per pass
+    alone = torch.cat([method.attribute(resnet, x[i : i + 1], y[i : i + 1]) for i in range(3)])
+    split, _ = compute_maps(method, resnet, x, y)
+    torch.testing.assert_close(alone, swapped, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(alone, method.attribute(resnet, x, y), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(whole, split)
+    assert not torch.equal(method.noise(x[:1]), method.noise(x[1:2]))  # images differ
+
+
 # ---- thresholding --------------------------------------------------------------------------
 def test_to_ternary_by_hand():
     attr = torch.tensor([[0.0, -0.1, 0.2, -0.3, 0.4], [5.0, -4.0, 3.0, -2.0, 1.0]]).reshape(
@@ -381,8 +414,8 @@ def test_cuda_matches_cpu(name, resnet, batch):
     with ieee_fp32(dev):  # as compute_maps runs it: no TF32
         gpu = method.attribute(model.to(dev).eval(), x.to(dev), y.to(dev))
     assert gpu.device.type == "cuda"
-    if name != "smoothgrad":  # CUDA draws different noise for the same seed
-        torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-5)
+    # SmoothGrad draws its noise on the CPU, so it matches too.
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-5)
 
 
 def test_ieee_fp32_turns_tf32_off_on_cuda_only_and_restores_it():
