@@ -104,7 +104,8 @@ def _check(where: str, value: Any, allowed: dict[str, Any]) -> dict[str, Any]:
         if want in ((int, float), (float, type(None))) and isinstance(v, int) and not isinstance(v, bool):
             ok = True  # an integer where a number is asked for
         if not ok:
-            raise SatError(f"{where}.{key}: {v!r} is not a {_kind(want)}")
+            kind = _kind(want)
+            raise SatError(f"{where}.{key}: {v!r} is not {'an' if kind[0] in 'aeiou' else 'a'} {kind}")
     return value
 
 
