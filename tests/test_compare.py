@@ -132,3 +132,20 @@ def test_rerun_resumes_an_interrupted_run_only(experiment, monkeypatch):
     assert [(Path(c.out), c.resume) for c in trains.calls] == [(rdir, True)]
     assert [Path(c.checkpoint).parents[1] for c in evals.calls] == [rdir]
     assert (rdir / "result.json").is_file()
+
+
+def test_parallel_runs_give_the_sequential_results(experiment, tmp_path):
+    """Two student runs in two processes end with the numbers of the sequential runs."""
+    _, out = experiment
+    spec = tmp_path / "spec.yaml"
+    keep = ("  - {name: std", "  - {name: sat-gbp", "  - {name: pgd")
+    spec.write_text("".join(ln for ln in SPEC.splitlines(True) if not ln.startswith(keep))
+                    .replace("teachers:\n", "teachers: []\n"))
+    par = tmp_path / "par"
+    res = CliRunner().invoke(main, ["compare", "--spec", str(spec), "--out", str(par),
+                                    "--seeds", "0", "--parallel", "2", "--quiet"])
+    assert res.exit_code == 0, (res.output, res.exception)
+    for name in ("original", "sat-mask"):
+        a, b = (json.loads((o / "students" / name / "seed0" / "eval" / "results.json").read_text())
+                for o in (out, par))
+        assert a["results"] == b["results"]
