@@ -59,6 +59,7 @@ class Experiment:
     groups: list[Group]
     robust_eps: str  # budget key of the PGD-5 accuracy the claims use, e.g. "2"
     teacher_modes: dict[str, str]  # teacher name (prefix of a map reference) -> its mode
+    parallel: int = 1  # student runs that trained at once (epoch times share the machine)
 
     def group(self, name: str | None) -> Group | None:
         return next((g for g in self.groups if g.name == name), None)

@@ -449,7 +449,8 @@ def _preset_names() -> list[str]:
 @click.option("--epochs", type=int, default=None, help="Student epochs (the spec's otherwise).")
 @click.option("--teacher-epochs", type=int, default=None, help="Epochs of every teacher.")
 @click.option("--width", type=int, default=None)
-@click.option("--max-per-class", type=int, default=None, help="Subsample the training split.")
+@click.option("--max-per-class", type=int, default=None,
+              help="Keep the first N images of each class (the spec's data.options.max_per_class).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N or auto (the spec's otherwise).")
 @click.option("--workers", type=int, default=None, help="Dask workers for precompute.")
 @click.option("--parallel", type=int, default=None,

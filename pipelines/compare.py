@@ -350,7 +350,7 @@ def _experiment(cfg: CompareConfig, jobs: list[StudentJob]) -> dict[str, Any]:
                        "baseline": st.baseline, "runs": runs})
     tmodes = {t.name: t.mode for t in cfg.teachers}
     return {"title": cfg.title, "robust_eps": cfg.eval.robust_eps, "seeds": list(cfg.seeds),
-            "teacher_modes": tmodes, "groups": groups}
+            "teacher_modes": tmodes, "parallel": cfg.parallel, "groups": groups}
 
 
 def _overlays(store: Path, names: list[str], out: Path) -> list[str]:

@@ -69,10 +69,11 @@ def load(path: str | Path) -> tuple[Experiment, list[RunResult]]:
         groups.append(Group(str(g["name"]), label or str(g["name"]), str(g["mode"]),
                             tuple(g.get("maps", [])), g.get("baseline"), results, times))
     labels = [g.label for g in groups]
-    for g in groups:  # two methods with one paper name (e.g. two seeds sets) stay apart
+    for g in groups:  # two students with one paper name (e.g. other options) stay apart
         if labels.count(g.label) > 1:
             g.label = f"{g.label} [{g.name}]"
-    exp = Experiment(groups, f"{float(doc.get('robust_eps', 2)):g}", dict(doc.get("teacher_modes", {})))
+    exp = Experiment(groups, f"{float(doc.get('robust_eps', 2)):g}", dict(doc.get("teacher_modes", {})),
+                     parallel=int(doc.get("parallel", 1)))
     return exp, runs
 
 
@@ -267,4 +268,7 @@ def sections(exp: Experiment) -> list[str]:
             "\"interval unavailable\".", ""]
     if any(len(g.results) < 2 for g in exp.groups):
         note += ["Some methods ran with one seed: their verdicts are inconclusive.", ""]
+    if exp.parallel > 1:
+        note += [f"The students trained {exp.parallel} at a time, sharing the machine: their "
+                 "epoch times (and the time part of the claims) measure contention too.", ""]
     return note + claims_markdown(exp)
