@@ -9,7 +9,8 @@ SHARED_DATA ?= ../shared/data
 DATA_DIR ?= data
 
 .PHONY: install test test-all lint bench bench-store bench-precompute bench-train data clean lock \
-        demo teacher precompute train eval report repro-tiny check-data
+        demo teacher precompute train eval report repro-tiny repro-flowers \
+        repro-cifar10 repro-cifar10-maps check-data
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -95,9 +96,24 @@ eval: $(STAMP)
 report: $(STAMP)
 	$(SAT) report $(patsubst %/eval/results.json,%,$(wildcard $(RUN)/*/eval/results.json)) --out $(RUN)/report
 
-# The real-data comparison of docs/RESULTS.md (Tiny ImageNet-20, boxes as weak saliency).
+# The presets (pipelines/specs/*.yaml) on real data; VARIANT=full runs the paper's scale.
+# repro-tiny is the comparison of docs/RESULTS.md (Tiny ImageNet-20, boxes as weak saliency).
+VARIANT ?=
+VARIANT_ARG = $(if $(VARIANT),--variant $(VARIANT))
 repro-tiny: $(STAMP) check-data
-	$(SAT) compare --preset tiny --data-root $(DATA) --device $(DEVICE) --out $(RUN)/repro
+	$(SAT) compare --preset tiny $(VARIANT_ARG) --data-root $(DATA) --device $(DEVICE) --out $(RUN)/repro$(VARIANT)
+
+repro-flowers: $(STAMP)
+	$(SAT) compare --preset flowers $(VARIANT_ARG) --data-root $(or $(FLOWERS),$(DATA_DIR)/oxford17-flowers-seg) \
+	  --device $(DEVICE) --out runs/flowers/repro$(VARIANT)
+
+repro-cifar10: $(STAMP)
+	$(SAT) compare --preset cifar10 $(VARIANT_ARG) --data-root $(or $(CIFAR10),$(DATA_DIR)/cifar10-jpeg) \
+	  --device $(DEVICE) --out runs/cifar10/repro$(VARIANT)
+
+repro-cifar10-maps: $(STAMP)
+	$(SAT) compare --preset cifar10-maps $(VARIANT_ARG) --data-root $(or $(CIFAR10),$(DATA_DIR)/cifar10-jpeg) \
+	  --device $(DEVICE) --out runs/cifar10-maps/repro$(VARIANT)
 
 data:
 	@if ls $(SHARED_DATA)/*.tar.gz >/dev/null 2>&1; then \

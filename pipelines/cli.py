@@ -417,50 +417,82 @@ def report(runs: tuple[str, ...], out: str, title: str, as_json: bool) -> None:
 @click.option("--workers", type=int, default=2, show_default=True, help="Dask workers for precompute.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo(out: str, device: str, workers: int, quiet: bool) -> None:
-    """The whole pipeline on synthetic shapes: teachers, precompute, 5 students, eval, report."""
-    from pipelines.common import resolve_device
-    from pipelines.compare import demo_config, run
+    """The whole pipeline on synthetic shapes: the ``demo`` preset (teachers, precompute,
+    5 students x 2 seeds, eval, report with intervals and claims)."""
+    from dataclasses import replace
 
-    res = run(demo_config(out=out, device=resolve_device(device), workers=workers,
-                          show_progress=not quiet))
+    from pipelines.common import resolve_device
+    from pipelines.compare import run
+    from pipelines.spec import load_spec, preset_path
+
+    cfg = load_spec(preset_path("demo"), out=out, overrides={"workers": workers})
+    res = run(replace(cfg, device=resolve_device(device), show_progress=not quiet))
     click.echo(open(f"{out}/report/report.md").read())
     click.echo(f"demo finished in {res['seconds']:.0f}s; tables, plots and overlays in {out}/")
 
 
+def _preset_names() -> list[str]:
+    from pipelines.spec import list_presets
+
+    return list_presets()
+
+
 @main.command()
-@click.option("--preset", type=click.Choice(["demo", "tiny"]), required=True)
-@click.option("--data-root", default=None, type=click.Path(), help="Dataset folder (tiny preset).")
+@click.option("--spec", "spec_file", default=None, type=click.Path(),
+              help="Experiment spec (YAML): data, teachers, maps, students, seeds, attacks.")
+@click.option("--preset", type=click.Choice(_preset_names()), default=None,
+              help="A shipped spec (pipelines/specs/NAME.yaml).")
+@click.option("--variant", default=None, help="A variant of the spec, e.g. full (the paper's scale).")
+@click.option("--data-root", default=None, type=click.Path(), help="Dataset folder (spec's data.root).")
 @click.option("--out", required=True, type=click.Path())
-@click.option("--epochs", type=int, default=None, help="Student epochs (preset default otherwise).")
-@click.option("--teacher-epochs", type=int, default=None)
+@click.option("--seeds", default=None, help="Comma-separated seeds (the spec's otherwise), e.g. 0,1,2.")
+@click.option("--epochs", type=int, default=None, help="Student epochs (the spec's otherwise).")
+@click.option("--teacher-epochs", type=int, default=None, help="Epochs of every teacher.")
 @click.option("--width", type=int, default=None)
-@click.option("--max-per-class", type=int, default=None, help="Subsample the training split.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--max-per-class", type=int, default=None,
+              help="Keep the first N images of each class (the spec's data.options.max_per_class).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N or auto (the spec's otherwise).")
+@click.option("--workers", type=int, default=None, help="Dask workers for precompute.")
+@click.option("--parallel", type=int, default=None,
+              help="Student runs trained at once, one process each (default: the spec's, 1).")
 @click.option("--quiet", is_flag=True)
-def compare(preset: str, data_root: str | None, out: str, epochs: int | None,
+def compare(spec_file: str | None, preset: str | None, variant: str | None,
+            data_root: str | None, out: str, seeds: str | None, epochs: int | None,
             teacher_epochs: int | None, width: int | None, max_per_class: int | None,
-            device: str, workers: int, quiet: bool) -> None:
-    """Run a whole comparison preset (teachers -> precompute -> students -> eval -> report)."""
+            device: str | None, workers: int | None, parallel: int | None, quiet: bool) -> None:
+    """Run a whole experiment (teachers -> precompute -> students x seeds -> eval -> report).
+
+    A rerun in the same --out skips every finished run and resumes interrupted ones.
+    """
     from dataclasses import replace
 
     from pipelines.common import resolve_device
-    from pipelines.compare import demo_config, run, tiny_config
+    from pipelines.compare import run
+    from pipelines.spec import load_spec, preset_path
 
-    over: dict[str, Any] = {"device": resolve_device(device), "workers": workers,
-                            "show_progress": not quiet}
-    for key, val in (("student_epochs", epochs), ("teacher_epochs", teacher_epochs), ("width", width)):
+    if (spec_file is None) == (preset is None):
+        raise SatError("give exactly one of --spec FILE or --preset NAME")
+    over: dict[str, Any] = {}
+    for key, val in (("student_epochs", epochs), ("width", width), ("workers", workers),
+                     ("parallel", parallel), ("device", device)):
         if val is not None:
             over[key] = val
-    if preset == "tiny":
-        if not data_root:
-            raise SatError("the tiny preset needs --data-root (a Tiny ImageNet folder)")
-        cfg = tiny_config(data_root, out=out, **over)
-    else:
-        cfg = demo_config(out=out, **over)
+    if seeds is not None:
+        try:
+            over["seeds"] = [int(x) for x in seeds.split(",")]
+        except ValueError:
+            raise SatError(f"--seeds {seeds!r} is not a comma-separated list of integers") from None
+    data: dict[str, Any] = {}
+    if data_root is not None:
+        data["root"] = data_root
     if max_per_class is not None:
-        cfg = replace(cfg, data=replace(cfg.data, options={**cfg.data.options, "max_per_class": max_per_class}))
-    res = run(cfg)
+        data["options"] = {"max_per_class": max_per_class}
+    if data:
+        over["data"] = data
+    cfg = load_spec(spec_file or preset_path(preset), variant=variant, out=out, overrides=over)
+    if teacher_epochs is not None:
+        cfg = replace(cfg, teachers=tuple(replace(t, epochs=teacher_epochs) for t in cfg.teachers))
+    res = run(replace(cfg, device=resolve_device(cfg.device), show_progress=not quiet))
     click.echo(open(f"{out}/report/report.md").read())
     click.echo(f"finished in {res['seconds']:.0f}s; outputs in {out}/")
 

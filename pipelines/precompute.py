@@ -531,7 +531,10 @@ def run(cfg: PrecomputeConfig) -> dict[str, Any]:
                 )
                 writers.append(w)
                 pending = set(w.pending_chunks())
-                summary["maps"].append({"split": split_name, "name": name, "pending_chunks": len(pending)})
+                # Name and provenance go back to the caller (compare), so it needs neither to
+                # reopen the store nor to hash the teachers again to tell the maps apart.
+                summary["maps"].append({"split": split_name, "name": name, "provenance": prov,
+                                        "teacher": kw.get("teacher"), "pending_chunks": len(pending)})
                 for s in range(w.n_shards):
                     if pending.intersection(w.chunks_of_shard(s)):
                         jobs.append(MapJob(

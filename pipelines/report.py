@@ -31,9 +31,13 @@ class ReportConfig:
     runs: tuple[str, ...]  # run directories (or results.json files)
     out: str  # output directory for tables and plots
     title: str = "Robustness of SAT and baselines"
+    # An experiment.json of `sat compare` (runs grouped by method and seed): tables with
+    # intervals over seeds, differences from baselines and the claims (pipelines/experiment_report.py).
+    # Its runs replace ``runs``.
+    experiment: str | None = None
 
     def __post_init__(self) -> None:
-        if not self.runs:
+        if not self.runs and not self.experiment:
             raise SatError("no run directories given")
         check_out_dir(self.out)
 
@@ -210,16 +214,24 @@ def _plots(runs: list[RunResult], out: Path) -> list[str]:
 
 
 def run(cfg: ReportConfig) -> dict[str, Any]:
-    runs = [_load_run(r) for r in cfg.runs]
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tables = build_tables(runs)
-    md = [f"# {cfg.title}", ""]
     titles = {
         "table1_pgd5": "Table 1: clean and PGD-5 accuracy (%)",
         "table4_other_attacks": "Table 4: other attacks, accuracy (%)",
         "table6_pgd20_40": "Table 6: stronger PGD attacks, accuracy (%)",
     }
+    exp = None
+    if cfg.experiment:
+        from pipelines import experiment_report
+
+        exp, runs = experiment_report.load(cfg.experiment)
+        tables = experiment_report.build_tables(exp)
+        titles.update(experiment_report.TITLES)
+    else:
+        runs = [_load_run(r) for r in cfg.runs]
+        tables = build_tables(runs)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = [f"# {cfg.title}", ""]
     for key, (tmd, tcsv) in tables.items():
         md += [f"## {titles[key]}", "", tmd]
         (out / f"{key}.csv").write_text(tcsv)
@@ -228,8 +240,10 @@ def run(cfg: ReportConfig) -> dict[str, Any]:
         amd, acsv = _table([[lab, a] for lab, a in align], ["Method", "Alignment"], "{:.4f}".format)
         md += ["## Alignment (Etmann et al.)", "", amd]
         (out / "alignment.csv").write_text(acsv)
-    plots = _plots(runs, out)
+    plots = _plots(runs, out) if exp is None else experiment_report.plots(exp, out)
     md += [f"![{p}]({p})" for p in plots]
+    if exp is not None:
+        md += ["", *experiment_report.sections(exp)]
     (out / "report.md").write_text("\n".join(md) + "\n")
     summary = {"runs": [str(r.run_dir) for r in runs], "tables": sorted(tables), "plots": plots,
                "out": str(out)}
