@@ -178,7 +178,7 @@ def test_robustness_orderings_on_a_trained_model(trained, tmp_path):
     summary = run_eval(EvalConfig(
         checkpoint=trained.ckpt, store=trained.store, split="train", max_samples=n,
         attacks=("fgsm", "pgd5", "pgd20", "pgd40"), eps=(1, 2, 4), out=str(tmp_path / "ev"),
-        alignment=False, device="cpu", show_progress=False,
+        alignment=False, boundary=False, device="cpu", show_progress=False,
     ))
     r, tol = summary["results"], 2 / n
     a = r["attacks"]
