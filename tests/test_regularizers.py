@@ -200,3 +200,30 @@ def test_resume_with_another_lambda_or_fraction_is_refused(store, tmp_path):
                                         "--resume", *flags))
         assert line.startswith("error: --resume: perturb was"), line
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+@pytest.mark.parametrize("mode", ["gradnorm", "sgt"])
+def test_new_modes_train_under_torchrun_with_two_cpu_ranks(store, tmp_path, mode):
+    """The double-backprop penalty and sgt's extra forwards run through DDP (gloo): both
+    ranks finish the epoch and rank 0 writes a finite checkpoint."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_ddp import free_port
+    from trainer.checkpoint import load_checkpoint
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "-m", "pipelines.cli", "train", "--store", store.path, "--mode", mode,
+           "--epochs", "1", "--width", "4", "--batch-size", "8", "--robust-val-samples", "0",
+           "--device", "cpu", "--quiet", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ck = load_checkpoint(out / "checkpoints/last.safetensors")
+    assert ck.epoch == 1 and ck.extra["mode"] == mode
+    assert all(torch.isfinite(v).all() for v in ck.model_state.values() if v.is_floating_point())
