@@ -227,3 +227,30 @@ def test_new_modes_train_under_torchrun_with_two_cpu_ranks(store, tmp_path, mode
     ck = load_checkpoint(out / "checkpoints/last.safetensors")
     assert ck.epoch == 1 and ck.extra["mode"] == mode
     assert all(torch.isfinite(v).all() for v in ck.model_state.values() if v.is_floating_point())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["gradnorm", "sgt"])
+def test_new_modes_under_cuda_float16_autocast_match_float32(mode):
+    """What the loop does on CUDA: the loss under float16 autocast (inner gradients scaled
+    against underflow) is finite and close to float32's, and so are the parameter grads."""
+    from trainer.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model("resnet10", 4, width=8).cuda().train()
+    x = torch.rand(8, 3, 16, 16, device="cuda")
+    y = torch.randint(0, 4, (8,), device="cuda")
+    m = create_mode(mode, PerturbConfig(gradnorm_lambda=10.0))
+    grads, losses = [], []
+    for amp in (False, True):
+        net.zero_grad(set_to_none=True)
+        g = torch.Generator(device="cuda").manual_seed(1)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+            loss, _ = m.loss(net, x, y, None, epoch=0.0, generator=g)
+        loss.backward()
+        assert torch.isfinite(loss)
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    assert losses[1] == pytest.approx(losses[0], rel=0.05)
+    assert F.cosine_similarity(grads[0], grads[1], dim=0) > 0.95
