@@ -85,19 +85,15 @@ def evaluate(
     """
     device = torch.device(device)
     attacks = {k: parse_attack(a) if isinstance(a, str) else a for k, a in (attacks or {}).items()}
-    budgets = budgets or {}
     n = int(labels.numel())
     if n == 0:
         raise SatError("no samples to evaluate")
     if batch_size < 1:
         raise SatError(f"batch size must be >= 1, got {batch_size}")
-    plan = [(name, float(e)) for name in attacks for e in budgets.get(name, ())]
-    correct = {key: 0 for key in plan}
-    clean = 0
-    align_sum = 0.0
-    forms: dict[str, list[np.ndarray]] = {f: [] for f in ALIGNMENT_FORMS}
+    plan = [(name, float(e)) for name in attacks for e in (budgets or {}).get(name, ())]
     b_n = 0 if boundary is None else min(n, boundary.max_samples or n)
-    dists: dict[str, list[np.ndarray]] = {nm: [] for nm in (boundary.norms if boundary else ())}
+    tally = _Tally(plan, boundary.norms if boundary else ())
+    step = on_step or (lambda: None)
     was = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -106,46 +102,60 @@ def evaluate(
             x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
             y = labels[s : s + batch_size].to(device).long()
             m = maps[s : s + batch_size].to(device) if maps is not None else None
-            clean += _correct(model, x, y)
-            if on_step is not None:
-                on_step()
+            tally.clean += _correct(model, x, y)
+            step()
             for name, eps in plan:
                 gen = batch_generator(seed, bi, device)
                 xa = attacks[name](model, x, y, eps=eps / 255.0, generator=gen, maps=m)
-                correct[(name, eps)] += _correct(model, xa, y)
-                if on_step is not None:
-                    on_step()
+                tally.correct[(name, eps)] += _correct(model, xa, y)
+                step()
             if alignment:
-                per = alignment_forms(model, x, y)
-                # As the stage always did: the float32 per-sample values summed per batch.
-                align_sum += float(per["logit_projection"].to(x.dtype).sum().item())
-                for f in ALIGNMENT_FORMS:
-                    forms[f].append(per[f].cpu().numpy())
+                tally.add_alignment(alignment_forms(model, x, y), x.dtype)
             if s < b_n:
                 take = min(b_n - s, y.numel())
-                for norm in dists:
-                    gen = batch_generator(seed, bi, device)
+                for norm in tally.dists:
                     d = min_norm_distance(model, x[:take], y[:take], norm=norm,
-                                          steps=boundary.steps, generator=gen)
-                    dists[norm].append(d.cpu().numpy())
-                if on_step is not None:
-                    on_step()
+                                          steps=boundary.steps,
+                                          generator=batch_generator(seed, bi, device))
+                    tally.dists[norm].append(d.cpu().numpy())
+                step()
     finally:
         for mod, training in was:
             mod.training = training
-    res: dict[str, Any] = {"n": n, "clean": clean / n, "attacks": {}}
-    for (name, eps), c in correct.items():
-        res["attacks"].setdefault(name, {})[f"{eps:g}"] = c / n
-    if alignment:
-        res["alignment"] = align_sum / n
-        res["alignments"] = {
-            f: {"mean": float(np.mean(v)), "median": float(np.median(v))}
-            for f, v in ((f, np.concatenate(forms[f])) for f in ALIGNMENT_FORMS)
-        }
+    res = tally.result(n, alignment)
     if boundary is not None:
         res["boundary"] = {"attack": "fab", "steps": boundary.steps, "n": b_n,
-                           **{nm: summarise(np.concatenate(d)) for nm, d in dists.items()}}
+                           **{nm: summarise(np.concatenate(d)) for nm, d in tally.dists.items()}}
     return res
+
+
+class _Tally:
+    """Running sums of :func:`evaluate`: correct counts, alignment values, distances."""
+
+    def __init__(self, plan: list[tuple[str, float]], norms: tuple[str, ...]) -> None:
+        self.correct = {key: 0 for key in plan}
+        self.clean = 0
+        self.align_sum = 0.0
+        self.forms: dict[str, list[np.ndarray]] = {f: [] for f in ALIGNMENT_FORMS}
+        self.dists: dict[str, list[np.ndarray]] = {nm: [] for nm in norms}
+
+    def add_alignment(self, per: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        # As the stage always did: the per-sample values in the input's dtype, summed per batch.
+        self.align_sum += float(per["logit_projection"].to(dtype).sum().item())
+        for f in ALIGNMENT_FORMS:
+            self.forms[f].append(per[f].cpu().numpy())
+
+    def result(self, n: int, alignment: bool) -> dict[str, Any]:
+        res: dict[str, Any] = {"n": n, "clean": self.clean / n, "attacks": {}}
+        for (name, eps), c in self.correct.items():
+            res["attacks"].setdefault(name, {})[f"{eps:g}"] = c / n
+        if alignment:
+            res["alignment"] = self.align_sum / n
+            res["alignments"] = {
+                f: {"mean": float(np.mean(v)), "median": float(np.median(v))}
+                for f, v in ((f, np.concatenate(self.forms[f])) for f in ALIGNMENT_FORMS)
+            }
+        return res
 
 
 def steps_of(n: int, batch_size: int, plan_len: int, boundary: BoundarySpec | None) -> int:
