@@ -322,6 +322,13 @@ def precompute(**kw: Any) -> None:
 @click.option("--trades-steps", type=int, default=5, show_default=True)
 @click.option("--uniform-eps", type=float, default=8.0, show_default=True, help="Uniform-noise budget (/255).")
 @click.option("--fgsm-alpha", type=float, default=10.0, show_default=True, help="FGSM-RS step (/255).")
+@click.option("--gradnorm-lambda", type=float, default=1.0, show_default=True,
+              help="gradnorm: weight of mean ||grad_x CE||^2 (x in [0, 1] pixels).")
+@click.option("--sgt-fraction", type=float, default=0.5, show_default=True,
+              help="sgt: fraction of input features masked (smallest |gradient|), in (0, 1).")
+@click.option("--sgt-fill", default="uniform", show_default=True,
+              help="sgt: masked values, 'uniform' (image's range) or 'channel-mean'.")
+@click.option("--sgt-lambda", type=float, default=1.0, show_default=True, help="sgt: weight of the KL term.")
 @click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
 @click.option("--out", required=True, type=click.Path(), help="Run directory.")
 @click.option("--resume", is_flag=True, help="Continue from <out>/checkpoints/last.safetensors.")
@@ -343,6 +350,8 @@ def train(**kw: Any) -> None:
         mix_p=kw["mix_p"], trades_beta=kw["trades_beta"], pgd_steps=kw["pgd_steps"],
         pgd_step_size=kw["pgd_step_size"] / 255, trades_steps=kw["trades_steps"],
         uniform_eps=kw["uniform_eps"] / 255, fgsm_rs_alpha=kw["fgsm_alpha"] / 255,
+        gradnorm_lambda=kw["gradnorm_lambda"], sgt_fraction=kw["sgt_fraction"],
+        sgt_fill=kw["sgt_fill"], sgt_lambda=kw["sgt_lambda"],
     )
     cfg = TrainConfig(
         store=kw["store"], out=kw["out"], mode=kw["mode"], maps=tuple(kw["maps"]), split=kw["split"],
@@ -372,6 +381,10 @@ def train(**kw: Any) -> None:
 @click.option("--max-samples", type=int, default=None)
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--no-alignment", is_flag=True)
+@click.option("--no-boundary", is_flag=True, help="Skip the FAB boundary distance (slow on CPU).")
+@click.option("--boundary-samples", type=int, default=100, show_default=True,
+              help="Images (the first N evaluated) whose boundary distance is measured.")
+@click.option("--boundary-steps", type=int, default=20, show_default=True, help="FAB iterations.")
 @click.option("-o", "--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
               help="fsspec option for a remote store (repeatable; VALUE may be JSON).")
 @click.option("--arch", "expect_arch", default=None, help="Refuse a checkpoint of another architecture.")
@@ -391,6 +404,8 @@ def eval_cmd(**kw: Any) -> None:
         eps=_csv(kw["eps"], float), uniform_eps=_csv(kw["uniform_eps"], float), store=kw["store"],
         data=data, split=kw["split"], map=kw["map"], max_samples=kw["max_samples"],
         batch_size=kw["batch_size"], alignment=not kw["no_alignment"], expect_arch=kw["expect_arch"],
+        boundary=not kw["no_boundary"], boundary_samples=kw["boundary_samples"],
+        boundary_steps=kw["boundary_steps"],
         device=resolve_device(kw["device"]), seed=kw["seed"], show_progress=not kw["quiet"],
         storage_options=parse_storage_options(kw["storage_option"]),
     )

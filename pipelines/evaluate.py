@@ -1,11 +1,33 @@
 """Stage 3: attack a trained model and write ``results.json`` plus a markdown table.
 
 Every attack runs in [0, 1] pixel space with the model in eval mode, batch by batch, with a
-generator seeded from the config, so the same checkpoint and config give the same numbers.
+generator seeded from the config (the loop is :func:`trainer.attacks.evaluate.evaluate`), so
+the same checkpoint and config give the same numbers.
+
+``results.json`` holds the run's identity (checkpoint, arch, split, fingerprint, label,
+mode, config, git SHA) and under ``"results"``:
+
+- ``clean``: clean accuracy in [0, 1]; ``attacks``: ``{spec: {eps: accuracy}}`` with ``eps``
+  in /255 units written ``f"{eps:g}"`` (``"pgd5": {"1": 0.41, ...}``);
+- ``alignment`` (unless ``--no-alignment``): the mean logit projection
+  ``|<x, ∇Φ^y>| / ||∇Φ^y||``, the number reported before the forms below existed;
+- ``alignments``: ``{form: {"mean": ..., "median": ...}}`` over the evaluated images for
+  ``logit_projection``, ``logit_cosine``, ``margin_projection`` (Etmann et al.'s alignment,
+  of the binarised logit Ψ = Φ^y - max_{j≠y} Φ^j) and ``margin_cosine``; the definitions,
+  and why the projection forms scale with ||x||, are in :mod:`trainer.attacks.metrics`;
+- ``boundary`` (unless ``--no-boundary``): the distance to the decision boundary found by
+  FAB (:mod:`trainer.attacks.boundary`), on the first ``boundary_samples`` images:
+  ``{"attack": "fab", "steps": k, "n": images, "l2": S, "linf": S}`` where each ``S`` is
+  ``{"median", "median_correct", "not_found", "misclassified"}``: the median distance in
+  [0, 1] pixel units over all images, misclassified ones at 0 and not-found ones counted as
+  infinitely far (null when at least half were not found; Etmann et al.'s robustness
+  measure), the same median over the correctly classified images only, and the fractions of
+  images without an adversarial example and already misclassified.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import time
 from dataclasses import dataclass
@@ -35,7 +57,10 @@ class EvalConfig:
     map: str | None = None  # cached map for the "saliency-map" attack
     max_samples: int | None = None  # evaluate the first N samples only
     batch_size: int = 256
-    alignment: bool = True  # report Etmann et al.'s alignment
+    alignment: bool = True  # report Etmann et al.'s alignment (all forms)
+    boundary: bool = True  # measure the distance to the boundary with FAB (slow on CPU)
+    boundary_samples: int | None = 100  # ... on the first N evaluated images (None: all)
+    boundary_steps: int = 20  # FAB iterations (each: one input gradient per class)
     expect_arch: str | None = None  # refuse a checkpoint of another architecture
     device: str = "cpu"
     seed: int = 0
@@ -74,6 +99,10 @@ class EvalConfig:
             raise SatError(f"batch size must be >= 1, got {self.batch_size}")
         if self.max_samples is not None and self.max_samples < 1:
             raise SatError(f"max samples must be >= 1, got {self.max_samples}")
+        self.boundary_spec()  # raises SatError for bad boundary settings
+        if self.boundary and importlib.util.find_spec("torchattacks") is None:
+            raise SatError("the boundary distance needs torchattacks: pip install "
+                           "'sat-pipeline[autoattack]', or pass --no-boundary")
         if not Path(self.checkpoint).is_file():
             raise SatError(f"checkpoint not found: {self.checkpoint}")
         if any(a.startswith("saliency-map") for a in self.attacks) and not self.map:
@@ -81,6 +110,14 @@ class EvalConfig:
         if self.map and self.store is None:
             raise SatError(f"--map {self.map} reads a cached map from a store; give --store")
         check_out_dir(self.out_dir())
+
+    def boundary_spec(self):
+        """The :class:`trainer.attacks.evaluate.BoundarySpec` to measure, or None."""
+        from trainer.attacks.evaluate import BoundarySpec
+
+        if not self.boundary:
+            return None
+        return BoundarySpec(steps=self.boundary_steps, max_samples=self.boundary_samples)
 
     def out_dir(self) -> Path:
         """``out``, or ``<run dir>/eval`` for a checkpoint in ``<run dir>/checkpoints/``."""
@@ -121,14 +158,9 @@ def _eval_arrays(cfg: EvalConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
             torch.from_numpy(np.asarray(labels, dtype=np.int64)), maps, ident)
 
 
-def _accuracy(model, x, y) -> int:
-    with torch.no_grad():
-        return int((model(x).argmax(1) == y).sum().item())
-
-
 def run(cfg: EvalConfig) -> dict[str, Any]:
     from trainer.attacks import parse_attack
-    from trainer.attacks.metrics import alignment
+    from trainer.attacks.evaluate import evaluate, steps_of
     from trainer.checkpoint import load_model
 
     device = torch.device(cfg.device)
@@ -148,40 +180,20 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         raise MismatchError(f"checkpoint expects {arch.get('in_channels')} channels, images have {images.shape[1]}")
     out = cfg.out_dir()
     n = labels.numel()
-    model.eval()
     t0 = time.perf_counter()
-
-    plan: list[tuple[str, float]] = [("clean", 0.0)]
-    for spec in cfg.attacks:
-        budgets = cfg.uniform_eps if spec == "uniform" else cfg.eps
-        plan += [(spec, e) for e in budgets]
-    correct = {key: 0 for key in plan}
-    align_sum = 0.0
-    bar = tqdm(total=len(plan) * math.ceil(n / cfg.batch_size), desc="eval",
-               disable=not cfg.show_progress, unit="batch")
     attacks = {spec: parse_attack(spec) for spec in cfg.attacks}
-    for bi, s in enumerate(range(0, n, cfg.batch_size)):
-        x = images[s : s + cfg.batch_size].to(device).float().div_(255.0)
-        y = labels[s : s + cfg.batch_size].to(device)
-        m = maps[s : s + cfg.batch_size].to(device) if maps is not None else None
-        for spec, eps in plan:
-            if spec == "clean":
-                correct[(spec, eps)] += _accuracy(model, x, y)
-            else:
-                gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + bi)
-                xa = attacks[spec](model, x, y, eps=eps / 255.0, generator=gen, maps=m)
-                correct[(spec, eps)] += _accuracy(model, xa, y)
-            bar.update(1)
-        if cfg.alignment:
-            align_sum += float(alignment(model, x, y).sum().item())
+    budgets = {spec: cfg.uniform_eps if spec == "uniform" else cfg.eps for spec in cfg.attacks}
+    boundary = cfg.boundary_spec()
+    plan_len = sum(len(b) for b in budgets.values())
+    bar = tqdm(total=steps_of(n, cfg.batch_size, plan_len, boundary), desc="eval",
+               disable=not cfg.show_progress, unit="batch")
+    results = evaluate(
+        model, images, labels, attacks=attacks, budgets=budgets, maps=maps,
+        batch_size=cfg.batch_size, device=device, seed=cfg.seed, alignment=cfg.alignment,
+        boundary=boundary, on_step=lambda: bar.update(1),
+    )
     bar.close()
-
-    results: dict[str, Any] = {"clean": correct[("clean", 0.0)] / n, "attacks": {}}
-    for (spec, eps), c in correct.items():
-        if spec != "clean":
-            results["attacks"].setdefault(spec, {})[_eps_key(eps)] = c / n
-    if cfg.alignment:
-        results["alignment"] = align_sum / n
+    del results["n"]
     train_cfg = ckpt.config or {}
     summary = {
         "checkpoint": str(cfg.checkpoint), "arch": arch, "n": n, **ident,
@@ -194,10 +206,6 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     write_json(out / "results.json", summary)
     (out / "results.md").write_text(results_markdown(summary))
     return summary
-
-
-def _eps_key(eps: float) -> str:
-    return f"{eps:g}"
 
 
 def results_markdown(summary: dict[str, Any]) -> str:
@@ -216,6 +224,20 @@ def results_markdown(summary: dict[str, Any]) -> str:
     for spec, by_eps in res["attacks"].items():
         for eps, acc in by_eps.items():
             lines.append(f"| {spec} | {eps}/255 | {100 * acc:.2f} |")
+    if "alignments" in res:
+        lines += ["", "| alignment form | mean | median |", "| --- | --- | --- |"]
+        lines += [f"| {f} | {v['mean']:.4f} | {v['median']:.4f} |"
+                  for f, v in res["alignments"].items()]
+    if "boundary" in res:
+        b = res["boundary"]
+        lines += ["", f"boundary distance (FAB, {b['steps']} steps, {b['n']} images, pixel units):",
+                  "", "| norm | median | median (correct only) | not found (%) |", "| --- | --- | --- | --- |"]
+        for norm in ("l2", "linf"):
+            if norm in b:
+                d = b[norm]
+                med = "–" if d["median"] is None else f"{d['median']:.4f}"
+                found = "–" if d["median_correct"] is None else f"{d['median_correct']:.4f}"
+                lines.append(f"| {norm} | {med} | {found} | {100 * d['not_found']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -232,6 +254,7 @@ _MODE_NAMES = {
     "standard": "Original", "uniform": "Original + Uniform-Noise", "sat": "SAT", "pgd": "PGD",
     "trades": "TRADES", "pgd+uniform": "PGD + Uniform-Noise", "trades+uniform": "TRADES + Uniform-Noise",
     "pgd-sat": "PGD-SAT", "trades-sat": "TRADES-SAT", "multi-sat": "SAT", "fgsm-rs": "FGSM-RS",
+    "gradnorm": "GradNorm", "sgt": "SGT",
 }
 
 
@@ -255,6 +278,11 @@ def run_label(train_cfg: dict[str, Any], extra: dict[str, Any]) -> str:
         return f"Teacher {train_cfg.get('arch')} ({train_cfg.get('mode')})"
     prov = extra.get("map_provenance") or train_cfg.get("map_provenance") or {}
     base = _MODE_NAMES.get(str(mode), str(mode))
+    perturb = train_cfg.get("perturb") or {}
+    if mode == "gradnorm" and "gradnorm_lambda" in perturb:
+        base = f"{base} (λ={perturb['gradnorm_lambda']:g})"
+    elif mode == "sgt" and "sgt_fraction" in perturb:
+        base = f"{base} (k={perturb['sgt_fraction']:g}, λ={perturb['sgt_lambda']:g})"
     if not prov:
         return base
     maps = " + ".join(map_label(p) for p in prov.values())

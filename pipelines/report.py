@@ -4,7 +4,9 @@
 - Table 4: other attacks (uniform noise, TRADES, saliency) at their budgets;
 - Table 6: PGD-20 and PGD-40 across ε;
 - ``accuracy_vs_eps.png``: PGD-5 accuracy against ε, one curve per method;
-- ``epoch_time.png``: mean epoch time per method (the paper's Fig. 4).
+- ``epoch_time.png``: mean epoch time per method (the paper's Fig. 4);
+- ``alignment_vs_boundary.png``: alignment against median boundary distance, with Spearman's
+  rank correlation (:mod:`pipelines.alignment_report`).
 
 A run directory is one that holds ``eval/results.json`` (written by ``sat eval``); its
 ``metrics.jsonl`` supplies epoch times.
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.alignment_report import alignment_vs_boundary
 from pipelines.common import check_out_dir, write_json
 from saliency_cache.errors import SatError
 
@@ -48,6 +51,7 @@ class RunResult:
     results: dict[str, Any]
     epoch_time: float | None
     run_dir: Path
+    mode: str | None = None  # the training mode recorded by `sat eval`
 
 
 def _number(v: Any) -> bool:
@@ -108,6 +112,7 @@ def _load_run(path: str) -> RunResult:
     return RunResult(
         label=str(summary.get("label") or run_dir.name), results=results,
         epoch_time=statistics.mean(times) if times else None, run_dir=run_dir,
+        mode=summary.get("mode"),
     )
 
 
@@ -241,6 +246,9 @@ def run(cfg: ReportConfig) -> dict[str, Any]:
         md += ["## Alignment (Etmann et al.)", "", amd]
         (out / "alignment.csv").write_text(acsv)
     plots = _plots(runs, out) if exp is None else experiment_report.plots(exp, out)
+    amd, aplots = alignment_vs_boundary(runs, out)
+    md += amd
+    plots += aplots
     md += [f"![{p}]({p})" for p in plots]
     if exp is not None:
         md += ["", *experiment_report.sections(exp)]

@@ -11,7 +11,6 @@ from saliency_cache.errors import MismatchError, SatError
 from tests.nets import Linear
 from trainer.attacks import (
     ATTACKS,
-    evaluate_attack,
     input_grad,
     list_attacks,
     parse_attack,
@@ -21,6 +20,7 @@ from trainer.attacks import (
     trades_kl_attack,
     uniform_noise,
 )
+from trainer.attacks.evaluate import evaluate
 
 EPS = 8 / 255
 SPECS = [
@@ -326,25 +326,35 @@ def test_autoattack_without_torchattacks_tells_how_to_install(monkeypatch):
 # --------------------------------------------------------------------------- evaluate
 
 
-def test_evaluate_attack_matches_a_manual_loop_and_restores_mode(trained):
+def test_the_evaluation_loop_matches_a_manual_loop_and_restores_mode(trained):
+    """The one loop (used by `sat eval`): batch bi of every attack draws from a generator
+    seeded seed * 7919 + bi, so a result does not depend on the other attacks evaluated."""
     net, x, y = trained
     net.train()
     try:
-        batches = [(x[i : i + 100], y[i : i + 100]) for i in range(0, 400, 100)]
-        res = evaluate_attack(net, batches, "pgd5", EPS, "cpu", gen(9))
+        res = evaluate(net, x, y, attacks={"pgd5": "pgd5"}, budgets={"pgd5": (8.0,)},
+                       batch_size=100, seed=3, alignment=False)
         assert net.training
         net.eval()
-        g = gen(9)
         manual = sum(
-            acc(net, parse_attack("pgd5")(net, bx, by, eps=EPS, generator=g), by) * len(by)
-            for bx, by in batches
+            acc(net, parse_attack("pgd5")(net, x[s : s + 100], y[s : s + 100], eps=EPS,
+                                          generator=gen(3 * 7919 + bi)), y[s : s + 100]) * 100
+            for bi, s in enumerate(range(0, 400, 100))
         )
-        assert res == {"accuracy": pytest.approx(manual / 400), "n": 400}
-        # uint8 images and maps in the batch tuples are understood too.
+        assert res["n"] == 400 and res["clean"] == pytest.approx(acc(net, x, y))
+        assert res["attacks"] == {"pgd5": {"8": pytest.approx(manual / 400)}}
+        both = evaluate(net, x, y, attacks={"fgsm": "fgsm", "pgd5": "pgd5"},
+                        budgets={"fgsm": (8.0,), "pgd5": (8.0,)}, batch_size=100, seed=3,
+                        alignment=False)
+        assert both["attacks"]["pgd5"] == res["attacks"]["pgd5"]
+        # uint8 images and maps are understood too.
         x8 = (x * 255).round().to(torch.uint8)
         maps = torch.ones(400, 1, 8, 8, dtype=torch.int8)
-        res8 = evaluate_attack(net, [(x8, y, maps)], "saliency-map", 0.0, "cpu", gen())
-        assert res8["accuracy"] == pytest.approx(acc(net, x8.float() / 255, y))
+        res8 = evaluate(net, x8, y, attacks={"m": "saliency-map"}, budgets={"m": (0.0,)},
+                        maps=maps, alignment=False)
+        assert res8["attacks"]["m"]["0"] == pytest.approx(acc(net, x8.float() / 255, y))
+        with pytest.raises(SatError, match="no samples"):
+            evaluate(net, x[:0], y[:0])
     finally:
         net.eval()
 

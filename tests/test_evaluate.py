@@ -178,7 +178,7 @@ def test_robustness_orderings_on_a_trained_model(trained, tmp_path):
     summary = run_eval(EvalConfig(
         checkpoint=trained.ckpt, store=trained.store, split="train", max_samples=n,
         attacks=("fgsm", "pgd5", "pgd20", "pgd40"), eps=(1, 2, 4), out=str(tmp_path / "ev"),
-        alignment=False, device="cpu", show_progress=False,
+        alignment=False, boundary=False, device="cpu", show_progress=False,
     ))
     r, tol = summary["results"], 2 / n
     a = r["attacks"]
@@ -284,3 +284,49 @@ def test_eval_config_refuses_an_output_path_that_is_a_file(trained, tmp_path):
     with pytest.raises(SatError, match="not a directory"):
         EvalConfig(checkpoint=trained.ckpt, store=trained.store, out=str(f / "ev"))
     assert f.read_text() == "x"
+
+
+def test_results_carry_the_alignment_forms_and_the_boundary_distance(trained, tmp_path):
+    """results.alignments: four named forms with mean and median; results.boundary: FAB's
+    L2 and L∞ summaries on the first --boundary-samples images, equal to the primitive's."""
+    from trainer.attacks.boundary import min_norm_distance
+    from trainer.checkpoint import load_model
+
+    out = tmp_path / "ev"
+    _ok(_sat(_eval_args(trained, out, "--store", trained.store, "--split", "train",
+                        "--attacks", "pgd5", "--eps", "4", "--max-samples", "24",
+                        "--boundary-samples", "10", "--batch-size", "8", "--quiet")))
+    r = json.loads((out / "results.json").read_text())["results"]
+    assert set(r["alignments"]) == {"logit_projection", "logit_cosine", "margin_projection",
+                                    "margin_cosine"}
+    assert r["alignments"]["logit_projection"]["mean"] == pytest.approx(r["alignment"], rel=1e-5)
+    for v in r["alignments"].values():
+        assert v["mean"] > 0 and v["median"] > 0
+    assert 0 < r["alignments"]["logit_cosine"]["mean"] <= 1
+    b = r["boundary"]
+    assert b["attack"] == "fab" and b["n"] == 10 and b["steps"] == 20
+    for norm in ("l2", "linf"):
+        assert set(b[norm]) == {"median", "median_correct", "not_found", "misclassified"}
+        assert 0 <= b[norm]["not_found"] <= 1
+    assert b["l2"]["median"] >= b["linf"]["median"]  # ||δ||_2 >= ||δ||_∞
+    # The same numbers as the primitive on the same images, batch by batch.
+    model, _ = load_model(trained.ckpt, "cpu")
+    from saliency_cache.store import SaliencyStore
+
+    split = SaliencyStore.open(trained.store, "r").split("train")
+    x = torch.from_numpy(split.read_images(0, 10)).float() / 255
+    y = torch.from_numpy(np.asarray(split.labels(), dtype=np.int64)[:10])
+    d = torch.cat([min_norm_distance(model.eval(), x[s:s + 8], y[s:s + 8], norm="linf", steps=20,
+                                     generator=torch.Generator().manual_seed(bi))
+                   for bi, s in enumerate((0, 8))])
+    assert b["linf"]["median"] == pytest.approx(float(np.median(d.numpy())))
+    md = (out / "results.md").read_text()
+    assert "| margin_projection |" in md and "boundary distance (FAB" in md
+    # --no-boundary leaves it out; a bad sample cap is refused in one line.
+    _ok(_sat(_eval_args(trained, tmp_path / "nb", "--store", trained.store, "--attacks",
+                        "pgd5", "--eps", "1", "--max-samples", "8", "--quiet", "--no-boundary")))
+    assert "boundary" not in json.loads((tmp_path / "nb" / "results.json").read_text())["results"]
+    line = _error(_sat(_eval_args(trained, tmp_path / "bad", "--store", trained.store,
+                                  "--boundary-samples", "0")))
+    assert "boundary samples must be an integer >= 1, got 0" in line
+    assert not (tmp_path / "bad").exists()

@@ -212,6 +212,12 @@ def test_map_shape_mismatch_is_refused():
         ({"mix_p": 1.2}, "1.2"),
         ({"uniform_eps": float("nan")}, "nan"),
         ({"trades_steps": 2.5}, "2.5"),
+        ({"gradnorm_lambda": -0.5}, "-0.5"),
+        ({"sgt_lambda": -2.0}, "-2.0"),
+        ({"sgt_fraction": 0.0}, "0.0"),
+        ({"sgt_fraction": 1.0}, "1.0"),
+        ({"sgt_fraction": 1.5}, "1.5"),
+        ({"sgt_fill": "zeros"}, "'zeros'"),
     ],
 )
 def test_config_rejects_bad_values_quoting_them(kw, bad):
@@ -245,6 +251,8 @@ def budget(name, cfg):
         "pgd-sat": cfg.eps,
         "trades-sat": cfg.eps,
         "fgsm-rs": cfg.eps,
+        "gradnorm": 0.0,
+        "sgt": 1.0,  # masked features take any value in the image's range
     }[name]
 
 

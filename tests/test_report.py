@@ -264,3 +264,52 @@ def test_end_to_end_report_from_two_evaluated_runs(tmp_path):
         with Image.open(out / name) as im:
             im.verify()
             assert im.format == "PNG"
+
+
+def _measured_run(path: Path, label: str, mode: str, align: float, l2, linf) -> str:
+    """A results.json with the alignment forms and the boundary summary of `sat eval`."""
+    forms = {f: {"mean": align * k, "median": align * k} for k, f in enumerate(
+        ("logit_projection", "logit_cosine", "margin_projection", "margin_cosine"), 1)}
+    side = {"median_correct": None, "not_found": 0.0, "misclassified": 0.1}
+    res = {"clean": 0.8, "attacks": {}, "alignment": align, "alignments": forms,
+           "boundary": {"attack": "fab", "steps": 20, "n": 50,
+                        "l2": {**side, "median": l2}, "linf": {**side, "median": linf}}}
+    f = path / "eval" / "results.json"
+    f.parent.mkdir(parents=True)
+    f.write_text(json.dumps({"label": label, "mode": mode, "n": 50, "split": "val",
+                             "results": res}))
+    return str(path)
+
+
+def test_alignment_against_boundary_distance_plot_and_spearman(tmp_path):
+    from scipy.stats import spearmanr
+
+    align = [0.1, 0.3, 0.2, 0.5, 0.4]
+    l2 = [0.05, 0.20, 0.30, 0.40, 0.10]
+    linf = [0.001, 0.002, 0.003, 0.004, None]  # the last run: no median (half not fooled)
+    modes = ["standard", "gradnorm", "gradnorm", "sgt", "pgd"]
+    runs = [_measured_run(tmp_path / f"r{i}", f"run {i}", modes[i], align[i], l2[i], linf[i])
+            for i in range(5)]
+    out = tmp_path / "report"
+    r = CliRunner().invoke(main, ["report", *runs, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    md = (out / "report.md").read_text()
+    rho, p = spearmanr(l2, [3 * a for a in align])  # margin_projection = 3 * align here
+    row = next(ln for ln in md.splitlines() if ln.startswith("| margin_projection | l2 |"))
+    assert row == f"| margin_projection | l2 | 5 | {rho:.3f} | {p:.3g} |"
+    row = next(ln for ln in md.splitlines() if ln.startswith("| margin_projection | linf |"))
+    rho4, _ = spearmanr(linf[:4], [3 * a for a in align[:4]])
+    assert row.split(" | ")[2:4] == ["4", f"{rho4:.3f}"]
+    assert "not fooled): run 4" in md
+    assert "![alignment_vs_boundary.png](alignment_vs_boundary.png)" in md
+    with Image.open(out / "alignment_vs_boundary.png") as im:
+        im.verify()
+    table = _csv(out / "alignment_vs_boundary.csv")
+    assert table[0][:2] == ["run", "mode"] and [t[1] for t in table[1:]] == modes
+    assert table[5][-1] == ""  # the missing L∞ median stays empty
+    # Two runs are too few for a rank correlation: the table says so instead of a number.
+    out2 = tmp_path / "report2"
+    assert CliRunner().invoke(main, ["report", *runs[:2], "--out", str(out2)]).exit_code == 0
+    row = next(ln for ln in (out2 / "report.md").read_text().splitlines()
+               if ln.startswith("| margin_projection | l2 |"))
+    assert row == "| margin_projection | l2 | 2 | – | – |"

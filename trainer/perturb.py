@@ -20,7 +20,12 @@ Modes (``list_modes()``):
 ``pgd-sat``               per batch: the SAT perturbation with prob. ``mix_p``, else PGD
 ``trades-sat``            per batch: x' from SAT with prob. ``mix_p``, else the KL attack
 ``fgsm-rs``               Wong, Rice & Kolter 2020: random start + one FGSM step of 1.25 eps
+``gradnorm``              CE + gradnorm_lambda * mean ||∇x CE||² (double backprop, Etmann et al.)
+``sgt``                   saliency-guided training (Ismail et al. 2021): CE + sgt_lambda * KL
 ========================  ====================================================================
+
+``gradnorm`` and ``sgt`` live in :mod:`trainer.regularizers` (registered on import of this
+module); like ``standard`` they read no map.
 
 Choices, with the reasons:
 
@@ -66,6 +71,8 @@ from trainer.registry import Registry
 
 # --------------------------------------------------------------------------- config
 
+SGT_FILLS = ("uniform", "channel-mean")  # how sgt fills the masked features
+
 
 @dataclass(frozen=True)
 class PerturbConfig:
@@ -82,6 +89,12 @@ class PerturbConfig:
     sat_time_scale: float = 1.0  # t = epoch * sat_time_scale (express the schedule per run)
     mix_p: float = 0.5  # pgd-sat / trades-sat: probability of the SAT branch per batch
     fgsm_rs_alpha: float = 10 / 255  # FGSM-RS step (Wong et al.: 1.25 eps)
+    # gradnorm: λ of the mean squared input-gradient norm, the gradient taken in [0, 1] pixel
+    # space (a model that normalises inside sees it scaled by 1/std; Etmann et al. vary λ).
+    gradnorm_lambda: float = 1.0
+    sgt_fraction: float = 0.5  # sgt: fraction k of input features masked per image, in (0, 1)
+    sgt_fill: str = "uniform"  # sgt: masked values, "uniform" (image's range) or "channel-mean"
+    sgt_lambda: float = 1.0  # sgt: weight of KL(f(x) || f(x masked)) (Ismail et al.'s code: 1)
 
     def __post_init__(self) -> None:
         for name in ("eps", "uniform_eps", "sat_eps"):
@@ -104,6 +117,16 @@ class PerturbConfig:
             raise SatError(f"sat_time_scale must be a number > 0, got {self.sat_time_scale!r}")
         if not (_is_number(self.mix_p) and 0 <= self.mix_p <= 1):
             raise SatError(f"mix_p must be a probability in [0, 1], got {self.mix_p!r}")
+        for name in ("gradnorm_lambda", "sgt_lambda"):
+            v = getattr(self, name)
+            if not (_is_number(v) and v >= 0):
+                raise SatError(f"{name} must be a number >= 0, got {v!r}")
+        if not (_is_number(self.sgt_fraction) and 0 < self.sgt_fraction < 1):
+            raise SatError(f"sgt_fraction must be in (0, 1) (exclusive), got {self.sgt_fraction!r}")
+        if self.sgt_fill not in SGT_FILLS:
+            raise SatError(
+                f"unknown sgt_fill {self.sgt_fill!r}; choose one of: {', '.join(SGT_FILLS)}"
+            )
 
     def sat_p_random(self, epoch: float) -> float:
         """α^t with t = epoch * sat_time_scale: the probability that an element of the SAT
@@ -479,3 +502,9 @@ def create_mode(name: str, cfg: PerturbConfig | None = None) -> TrainingMode:
 def list_modes() -> list[str]:
     """Names of all registered training modes, sorted."""
     return MODES.names()
+
+
+# The regularised modes register themselves in MODES; importing them here means every user
+# of the registry (create_mode, list_modes, the CLI) sees them. Import at the end: they
+# subclass TrainingMode, defined above.
+from trainer import regularizers as _regularizers  # noqa: E402,F401

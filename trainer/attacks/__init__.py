@@ -4,7 +4,9 @@ and the metrics computed beside them.
 - :mod:`trainer.attacks.primitives`: FGSM, PGD, the TRADES KL attack, uniform noise, the
   saliency attack, and the gradient helpers; the training modes reuse them.
 - :mod:`trainer.attacks.registry`: ``ATTACKS``, :func:`parse_attack` (``pgd20``, ...).
-- :mod:`trainer.attacks.metrics`: accuracy and image-gradient alignment.
+- :mod:`trainer.attacks.metrics`: correct counts and the image-gradient alignment forms.
+- :mod:`trainer.attacks.boundary`: distance to the decision boundary by FAB.
+- :mod:`trainer.attacks.evaluate`: the one evaluation loop (``sat eval`` and the tests).
 """
 
 from trainer.attacks.primitives import (
@@ -32,7 +34,6 @@ from trainer.attacks.registry import (
     SaliencyAttack,
     TradesAttack,
     UniformAttack,
-    evaluate_attack,
     list_attacks,
     parse_attack,
 )
@@ -49,7 +50,6 @@ __all__ = [
     "TradesAttack",
     "UniformAttack",
     "check_generator",
-    "evaluate_attack",
     "expand_map",
     "fgsm",
     "input_grad",

@@ -1,71 +1,91 @@
-"""Evaluation metrics: accuracy and the alignment of saliency with the image.
+"""Evaluation metrics: correct counts and the alignment of saliency with the image.
 
 Alignment (Etmann et al. 2019, "On the connection between adversarial robustness and
-saliency map interpretability") is ``|<x, g>| / ||g||_2`` with ``g = ∇x Φ^y(x)`` the gradient
-of the true-class logit: the length of the image's projection on its own saliency map.
-Robust models tend to have maps that look like the image, hence a larger alignment.
+saliency map interpretability") measures how much an image looks like its own saliency
+map. For an input ``x`` (float, [0, 1] pixel space) and a gradient ``g = ∇x f(x)`` it comes
+in two forms, both computed per sample on the flattened ``(C*H*W,)`` vectors:
+
+- **projection** ``|<x, g>| / ||g||_2``: the length of the image's projection on its map.
+  With ``f = Ψ`` this is Etmann et al.'s alignment: for a linear binary classifier
+  ``Ψ(x) = w·x + b`` it equals ``|Ψ(x) - b| / ||w||``, the distance to the decision boundary
+  up to the bias, which is why it is the form their claim is about. It is not scale-free in
+  ``x``: it grows with ``||x||`` (brighter, larger images score higher), so it compares
+  models on one dataset, not across datasets.
+- **cosine** ``|<x, g>| / (||x||_2 ||g||_2)`` in [0, 1]: the projection divided by the image
+  norm, the scale-free form Etmann et al.'s code logs as well.
+
+and for two choices of ``f``:
+
+- **logit**: ``Φ^y``, the true-class logit (what the tool reported before, as
+  ``results.alignment``);
+- **margin**: Etmann et al.'s binarised logit ``Ψ = Φ^y - max_{j != y} Φ^j`` (the gradient of
+  the max is the runner-up class's; the point where two others tie has measure zero).
+
+A sample whose gradient is exactly zero (or whose image is all zeros, for the cosine) gets 0.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 
-from saliency_cache.errors import SatError
-from trainer.attacks import true_logit_grad
+from trainer.attacks import input_grad, true_logit_grad
+
+ALIGNMENT_FORMS = ("logit_projection", "logit_cosine", "margin_projection", "margin_cosine")
 
 
-def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
-    """Fraction of rows of ``logits`` ``(B, classes)`` whose argmax equals ``y`` ``(B,)``: [0, 1]."""
-    if logits.dim() != 2 or y.shape != logits.shape[:1]:
-        raise SatError(
-            f"accuracy needs logits (B, classes) and labels (B,), got {tuple(logits.shape)} "
-            f"and {tuple(y.shape)}"
-        )
-    if y.numel() == 0:
-        raise SatError("accuracy of an empty batch is undefined")
-    return float((logits.argmax(1) == y).float().mean().item())
+def num_correct(logits: torch.Tensor, y: torch.Tensor) -> int:
+    """How many rows of ``logits`` ``(B, classes)`` have their argmax at ``y`` ``(B,)``."""
+    return int((logits.argmax(1) == y).sum().item())
+
+
+def margin_grad(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """∇x Ψ(x) with ``Ψ = Φ^y - max_{j != y} Φ^j``, per sample: ``x``'s shape.
+
+    As :func:`trainer.attacks.true_logit_grad`, samples are summed before differentiation
+    (per-sample gradients when the model treats samples independently, as in eval mode).
+    """
+
+    def psi(z: torch.Tensor) -> torch.Tensor:
+        z = z.float()
+        true = z.gather(1, y[:, None])
+        others = z.scatter(1, y[:, None], float("-inf"))
+        return true - others.amax(1, keepdim=True)
+
+    return input_grad(model, x, psi)
+
+
+def _forms(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(projection, cosine) per sample in float64, ``(B,)`` each."""
+    tiny = torch.finfo(torch.float64).tiny
+    g = g.flatten(1).double()
+    xf = x.detach().flatten(1).double()
+    gn, xn = g.norm(dim=1), xf.norm(dim=1)
+    dot = (xf * g).sum(1).abs()
+    proj = torch.where(gn > 0, dot / gn.clamp_min(tiny), 0.0)
+    cos = torch.where((gn > 0) & (xn > 0), dot / (gn * xn).clamp_min(tiny), 0.0)
+    return proj, cos
 
 
 def alignment(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-sample alignment ``|<x, ∇x Φ^y(x)>| / ||∇x Φ^y(x)||_2``: float ``(B,)``, >= 0.
+    """Per-sample logit projection ``|<x, ∇x Φ^y(x)>| / ||∇x Φ^y(x)||_2``: ``x.dtype`` ``(B,)``, >= 0.
 
     ``x`` float ``(B, C, H, W)`` in [0, 1] (the pixel-space input the model takes); ``y``
-    int64 ``(B,)``. Each sample is flattened; a sample whose gradient is exactly zero gets
-    0. The model is used in its current mode (use eval mode, so samples do not interact
-    through BatchNorm). No parameter ``.grad`` is written.
+    int64 ``(B,)``. The model is used in its current mode (use eval mode, so samples do not
+    interact through BatchNorm). No parameter ``.grad`` is written.
     """
-    g = true_logit_grad(model, x, y).flatten(1).double()
-    xf = x.detach().flatten(1).double()
-    norm = g.norm(dim=1)
-    dot = (xf * g).sum(1).abs()
-    out = torch.where(norm > 0, dot / norm.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
-    return out.to(x.dtype)
+    proj, _ = _forms(x, true_logit_grad(model, x, y))
+    return proj.to(x.dtype)
 
 
-def mean_alignment(
-    model: torch.nn.Module,
-    batches: Iterable[tuple[torch.Tensor, ...]],
-    device: torch.device | str,
-) -> float:
-    """Mean :func:`alignment` over all samples of ``batches`` (each ``(x, y, ...)``; ``x``
-    float in [0, 1] or uint8, moved to ``device``), with the model in eval mode; the model's
-    modes are restored afterwards."""
-    device = torch.device(device)
-    was = [(m, m.training) for m in model.modules()]
-    model.eval()
-    total, n = 0.0, 0
-    try:
-        for batch in batches:
-            x, y = batch[0].to(device), batch[1].to(device).long()
-            if x.dtype == torch.uint8:
-                x = x.float().div_(255.0)
-            total += float(alignment(model, x, y).double().sum().item())
-            n += int(y.numel())
-    finally:
-        for m, training in was:
-            m.training = training
-    if n == 0:
-        raise SatError("mean alignment over no samples is undefined")
-    return total / n
+def alignment_forms(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """All four forms of :data:`ALIGNMENT_FORMS` per sample: float64 ``(B,)`` each, >= 0.
+
+    Inputs and model mode as :func:`alignment`; two input gradients are taken (of ``Φ^y`` and
+    of ``Ψ``). ``logit_projection`` equals :func:`alignment` before its cast to ``x.dtype``.
+    """
+    lp, lc = _forms(x, true_logit_grad(model, x, y))
+    mp, mc = _forms(x, margin_grad(model, x, y))
+    return {"logit_projection": lp, "logit_cosine": lc,
+            "margin_projection": mp, "margin_cosine": mc}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import abc
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -275,41 +275,3 @@ def parse_attack(spec: str) -> Attack:
     if s in _ALIASES:
         return _ALIASES[s]()
     raise SatError(f"unknown attack {spec!r}; choose one of: {', '.join(list_attacks())}")
-
-
-def evaluate_attack(
-    model: torch.nn.Module,
-    batches: Iterable[tuple[torch.Tensor, ...]],
-    attack: Attack | str,
-    eps: float,
-    device: torch.device | str,
-    generator: torch.Generator,
-) -> dict[str, float]:
-    """Accuracy of ``model`` under ``attack`` at budget ``eps`` over ``batches``.
-
-    Each batch is ``(x, y)`` or ``(x, y, maps)``: ``x`` float in [0, 1] or uint8 (divided by
-    255), ``(B, C, H, W)``; ``y`` int ``(B,)``; ``maps`` int8 ``(B, C|1, H, W)``. They are
-    moved to ``device``. The model runs in eval mode and is returned to its previous mode.
-    Returns ``{"accuracy": fraction correct in [0, 1], "n": samples}``.
-    """
-    atk = parse_attack(attack) if isinstance(attack, str) else attack
-    device = torch.device(device)
-    was = [(m, m.training) for m in model.modules()]
-    model.eval()
-    correct = n = 0
-    try:
-        for batch in batches:
-            x, y = batch[0].to(device), batch[1].to(device).long()
-            maps = batch[2].to(device) if len(batch) > 2 and batch[2] is not None else None
-            if x.dtype == torch.uint8:
-                x = x.float().div_(255.0)
-            x_adv = atk(model, x, y, eps=eps, generator=generator, maps=maps)
-            with torch.no_grad():
-                correct += int((model(x_adv).argmax(1) == y).sum().item())
-            n += int(y.numel())
-    finally:
-        for m, training in was:
-            m.training = training
-    if n == 0:
-        raise SatError("no samples to evaluate the attack on")
-    return {"accuracy": correct / n, "n": n}
