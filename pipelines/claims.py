@@ -13,7 +13,8 @@ Every finding quotes robust and clean accuracy together, and says when a robust 
 mainly through clean accuracy: when the clean gain is at least half the robust gain, the
 method may only look robust because its baseline is less accurate to begin with.
 
-A new claim is a function ``(Experiment) -> list[Finding]`` appended to :data:`CLAIMS`.
+Claim 4 (Etmann et al.) is judged by a rank correlation over runs instead of a paired
+difference. A new claim is a function ``(Experiment) -> list[Finding]`` appended to :data:`CLAIMS`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.stats import Interval, fmt, fmt_difference, interval, paired, paired_ratio
+from pipelines.stats import (
+    CONFIDENCE,
+    Interval,
+    fmt,
+    fmt_difference,
+    interval,
+    paired,
+    paired_ratio,
+)
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
 SAT_MODES = ("sat", "multi-sat")
@@ -196,6 +205,47 @@ def sgt_brings_no_robustness(exp: Experiment) -> list[Finding]:
     return out
 
 
+def alignment_rises_with_robustness(exp: Experiment) -> list[Finding]:
+    """Etmann et al.: the more robust a model (the farther its images lie from the decision
+    boundary), the better its saliency aligns with the image. Every run (each method's each
+    seed) with both measurements is one point: its mean Etmann alignment
+    (``alignments.margin_projection.mean``) against its median minimum-norm boundary
+    distance (``boundary.<norm>.median``). Spearman's ρ over the points, two-sided, at 5 %:
+    supported when ρ > 0 significantly, contradicted when ρ < 0 significantly."""
+    from pipelines.alignment_report import MIN_RUNS, PLOT_FORM, spearman
+    from trainer.attacks.boundary import NORMS
+
+    out = []
+    for norm in NORMS:
+        pts = []  # (distance, alignment, group)
+        for g in exp.groups:
+            for res in g.results.values():
+                d = res.get("boundary", {}).get(norm, {}).get("median")
+                a = res.get("alignments", {}).get(PLOT_FORM, {}).get("mean")
+                if isinstance(d, (int, float)) and isinstance(a, (int, float)):
+                    pts.append((float(d), float(a), g))
+        if len(pts) < MIN_RUNS:
+            continue
+        rho, pval = spearman([d for d, _, _ in pts], [a for _, a, _ in pts])
+        if rho is None:
+            verdict = INCONCLUSIVE
+        elif pval < 1 - CONFIDENCE:
+            verdict = SUPPORTED if rho > 0 else CONTRADICTED
+        else:
+            verdict = INCONCLUSIVE
+        lines = [f"Spearman ρ over {len(pts)} runs: "
+                 + ("undefined (a constant variable)" if rho is None else f"{rho:.3f}, p={pval:.3g}")]
+        for g in exp.groups:
+            mine = [(d, a) for d, a, h in pts if h is g]
+            if mine:
+                lines.append(f"{g.label} (n={len(mine)}): median {norm.upper()} distance "
+                             f"{sum(d for d, _ in mine) / len(mine):.4g}, alignment "
+                             f"{sum(a for _, a in mine) / len(mine):.4g} (means over seeds)")
+        out.append(Finding(verdict, f"alignment ({PLOT_FORM}) against median {norm.upper()} "
+                           "boundary distance (FAB)", tuple(lines)))
+    return out
+
+
 @dataclass(frozen=True)
 class Claim:
     key: str
@@ -217,6 +267,10 @@ CLAIMS: list[Claim] = [
           "Mangla et al. 2020, Table 1",
           "two students of one mode using the same method's map of an adversarial and of a "
           "standard teacher", adversarial_maps_beat_standard),
+    Claim("alignment-robustness", "alignment between image and saliency rises with the "
+          "distance to the decision boundary", "Etmann et al. 2019",
+          "at least 3 runs evaluated with the alignment and boundary-distance measurements",
+          alignment_rises_with_robustness),
     Claim("sgt-no-robustness", "saliency-guided training does not bring robustness (less "
           "robust than standard training)", "Karkehabadi et al.",
           "an sgt student and a standard student", sgt_brings_no_robustness),

@@ -184,3 +184,34 @@ def test_a_missing_extra_result_is_refused(tmp_path):
 
     with pytest.raises(SatError, match="eval-autoattack"):
         experiment_report.load(path)
+
+
+def _etmann_experiment(pairs: list[tuple[float, float]]):
+    """One group per (median L2 distance, mean alignment) point, one seed each."""
+    from pipelines.claims import Experiment, Group
+
+    groups = []
+    for i, (dist, align) in enumerate(pairs):
+        res = {"clean": 0.9, "attacks": {},
+               "alignments": {"margin_projection": {"mean": align, "median": align}},
+               "boundary": {"l2": {"median": dist}, "linf": {"median": dist / 10}}}
+        groups.append(Group(f"m{i}", f"M{i}", "gradnorm", (), None, {0: res}))
+    return Experiment(groups, robust_eps="2", teacher_modes={})
+
+
+def test_etmann_claim_follows_the_rank_correlation():
+    from pipelines.claims import alignment_rises_with_robustness
+
+    rising = [(0.1 * k, 1.0 + k) for k in range(6)]
+    falling = [(0.1 * k, 10.0 - k) for k in range(6)]
+    noise = [(0.1, 2.0), (0.2, 1.0), (0.3, 3.0), (0.4, 1.5)]
+    for pts, want in ((rising, "supported"), (falling, "contradicted"), (noise, "inconclusive")):
+        findings = alignment_rises_with_robustness(_etmann_experiment(pts))
+        assert [f.verdict for f in findings] == [want, want], (pts, findings)
+        assert findings[0].evidence[0].startswith(f"Spearman ρ over {len(pts)} runs")
+    # Fewer than three runs with both measurements: the claim is not evaluable at all.
+    assert alignment_rises_with_robustness(_etmann_experiment(rising[:2])) == []
+    exp = _etmann_experiment(rising)
+    for g in exp.groups:
+        del g.results[0]["boundary"]
+    assert alignment_rises_with_robustness(exp) == []
