@@ -126,7 +126,8 @@ class CocoDataset(_FileDataset):
     def _annotation_file(self, split: str) -> Path:
         path = self.root / self._opts["annotations"].format(split=split)
         if not path.is_file():
-            raise SatError(f"dataset {self.name!r} has no annotation file for split {split!r}: {path}")
+            raise SatError(f"dataset {self.name!r} has no split {split!r}: annotation file not "
+                           f"found: {path}")
         return path
 
     def _build(self, imgs: dict[int, dict], anns: dict[int, list[dict]], img_dir: Path, rule: str) -> None:
