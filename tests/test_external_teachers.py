@@ -134,7 +134,9 @@ def test_loaded_teacher_is_the_library_model_behind_its_normalisation(tmp_path):
     path = tmp_path / "t.yaml"
     _save(net, tmp_path / "w.safetensors")
     path.write_text("library: torchvision\nmodel: resnet18\nweights: w.safetensors\n"
-                    "mean: [0.5, 0.4, 0.3]\nstd: 0.25\ninput_size: [3, 32, 32]\n")
+                    "mean: [0.5, 0.4, 0.3]\nstd: 0.25\ninput_size: [3, 32, 32]\nname: r18-ft\n")
+    prov = describe_teacher(str(path), image_shape=(3, 32, 32), methods=("gbp",))
+    assert prov["teacher_arch"] == "r18-ft" and prov["teacher_std"] == [0.25] * 3
     model = load_external(str(path), "cpu", image_shape=(3, 32, 32))
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     mean = torch.tensor([0.5, 0.4, 0.3]).reshape(1, 3, 1, 1)

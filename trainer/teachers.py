@@ -8,8 +8,9 @@ A teacher argument (``sat precompute --teacher``) that is not one of our checkpo
   ``weights`` (relative to the file's folder) and optionally ``num_classes``, ``input_size``
   (``[C, H, W]``: images of another size are refused), ``mean`` and ``std`` (per channel, for
   [0, 1] inputs), ``cam_layer`` (dotted module name), ``mode`` (how it was trained:
-  ``external`` by default, or ``standard`` / ``adversarial`` / ``sparse``) and ``kwargs``
-  (passed to the model constructor).
+  ``external`` by default, or ``standard`` / ``adversarial`` / ``sparse``), ``name`` (the
+  arch part of the map names, default ``<library>-<model>``, to tell two sets of weights of
+  one model apart) and ``kwargs`` (passed to the model constructor).
 
 The model is built with random weights (never ``pretrained=True``: nothing is downloaded) and
 the safetensors tensors are loaded into it (safetensors holds raw tensors, so nothing is
@@ -47,7 +48,7 @@ GUIDED_METHODS = ("gbp", "guided-gradcam++")  # need every activation to be an n
 CAM_METHODS = ("gradcam", "gradcam++", "gradcam++-box", "guided-gradcam++")  # need a cam layer
 _FILE_SUFFIXES = (".json", ".yaml", ".yml")
 _FILE_KEYS = ("library", "model", "weights", "num_classes", "input_size", "mean", "std",
-              "cam_layer", "mode", "kwargs")
+              "cam_layer", "mode", "name", "kwargs")
 # torchvision families -> the module whose output Grad-CAM explains (the last feature map).
 _TORCHVISION_CAM = (
     ("resnet", "layer4"), ("resnext", "layer4"), ("wide_resnet", "layer4"),
@@ -73,6 +74,7 @@ class TeacherSpec:
     mode: str = "external"
     kwargs: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    name: str | None = None
 
 
 def is_external(arg: str | Path) -> bool:
@@ -179,11 +181,14 @@ def _checked(source: str, d: dict[str, Any], base: Path) -> TeacherSpec:
     mode = d.get("mode", "external")
     if mode not in MODES:
         raise bad("mode", " | ".join(MODES))
+    name = d.get("name")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise bad("name", "a non-empty string")
     kwargs = d.get("kwargs") or {}
     if not isinstance(kwargs, dict) or any(k in ("pretrained", "weights", "num_classes") for k in kwargs):
         raise bad("kwargs", "a mapping of constructor arguments (not pretrained/weights/num_classes)")
     return TeacherSpec(d["library"], d["model"], str(weights), num_classes, size, stats["mean"],
-                       stats["std"], cam, mode, dict(kwargs), source)
+                       stats["std"], cam, mode, dict(kwargs), source, name)
 
 
 # ---- building ------------------------------------------------------------------------------
@@ -379,7 +384,7 @@ def describe_external(arg: str, *, image_shape=None, methods=(), cam_layer: str 
                            "name one with --cam-layer or cam_layer in a teacher file")
     sha = weights_sha256(spec)
     return {
-        "teacher_arch": f"{spec.library}-{spec.model}",
+        "teacher_arch": spec.name or f"{spec.library}-{spec.model}",
         "teacher_width": None,
         "teacher_mode": spec.mode,
         "checkpoint_sha256": sha,

@@ -106,6 +106,9 @@ class CocoDataset(_FileDataset):
         self._opts = {"image_size": self._image_size, "images": images, "annotations": annotations,
                       "class_split": class_split, "label_rule": label_rule, "objects": objects,
                       "max_per_class": self._max_per_class}
+        for key, value in (("images", images), ("annotations", annotations)):
+            if not isinstance(value, str) or not value:
+                raise SatError(f"dataset {self.name!r}: {key} must be a path pattern, got {value!r}")
         self._ann_path = self._annotation_file(split)
         data = _read_json(self._ann_path)
         cats = _categories(self._ann_path, data)
@@ -118,13 +121,13 @@ class CocoDataset(_FileDataset):
         self.category_ids = sorted(cats)
         self.class_names = [cats[c] for c in self.category_ids]
         self.num_classes = len(self.category_ids)
-        img_dir = self.root / images.format(split=split)
+        img_dir = self.root / _fill(images, split)
         imgs = _images(self._ann_path, data, img_dir)
         anns = _annotations(self._ann_path, data, imgs, cats)
         self._build(imgs, anns, img_dir, label_rule)
 
     def _annotation_file(self, split: str) -> Path:
-        path = self.root / self._opts["annotations"].format(split=split)
+        path = self.root / _fill(self._opts["annotations"], split)
         if not path.is_file():
             raise SatError(f"dataset {self.name!r} has no split {split!r}: annotation file not "
                            f"found: {path}")
@@ -157,7 +160,10 @@ class CocoDataset(_FileDataset):
         self._labels = labels[keep]
         self._image_ids = [e[0] for e in entries]
         self._files = [img_dir / imgs[e[0]]["file_name"] for e in entries]
-        self._ids = [p.relative_to(self.root).as_posix() for p in self._files]
+        # ids relative to root; images kept elsewhere (an absolute ``images``) as <split>/<file>
+        self._ids = [p.relative_to(self.root).as_posix() if p.is_relative_to(self.root)
+                     else f"{self.split}/{imgs[e[0]]['file_name']}"
+                     for p, e in zip(self._files, entries, strict=True)]
         self._natives = [(imgs[e[0]]["width"], imgs[e[0]]["height"]) for e in entries]
         self._objects = [[e[2]] if self._opts["objects"] == "chosen" else e[3] for e in entries]
         self._crowd = [e[4] for e in entries]
@@ -256,6 +262,14 @@ class CocoDataset(_FileDataset):
     def _hash_sources(self, h: _Hasher) -> None:
         super()._hash_sources(h)
         h.file(self._ann_path)  # boxes, masks and labels all come from it
+
+
+def _fill(pattern: str, split: str) -> str:
+    """``pattern`` with ``{split}`` replaced (the only placeholder a path option may use)."""
+    try:
+        return pattern.format(split=split)
+    except (KeyError, IndexError, ValueError):
+        raise SatError(f"dataset 'coco': path pattern {pattern!r} may use only {{split}}") from None
 
 
 # ---- annotation file parsing (every check names the file and the offending id) --------------
