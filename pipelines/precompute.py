@@ -412,6 +412,19 @@ def _plan_maps(cfg: PrecomputeConfig, split_name: str, ds) -> list[tuple[str, di
     return plans
 
 
+def _check_external_teachers(cfg: PrecomputeConfig, datasets: dict) -> None:
+    """Refuse a timm/torchvision teacher that cannot run the methods on these images before
+    the store is created (a refusal then leaves nothing behind)."""
+    from pipelines.teacher import describe_teacher
+    from trainer.teachers import is_external
+
+    for t in cfg.teachers:
+        if is_external(t):
+            for s in cfg.map_splits:
+                describe_teacher(t, image_shape=datasets[s].image_shape, methods=cfg.methods,
+                                 cam_layer=cfg.cam_layer)
+
+
 def _teacher_options(tprov: dict[str, Any], ds) -> dict[str, Any]:
     """How a worker rebuilds a timm/torchvision teacher as planned (empty for ours)."""
     if "teacher_library" not in tprov:
@@ -526,6 +539,7 @@ def run(cfg: PrecomputeConfig) -> dict[str, Any]:
     # Open every split first: a missing folder or a bad annotation file is then reported
     # before anything is created at the store location.
     datasets = {name: cfg.data.open(name) for name in cfg.splits}
+    _check_external_teachers(cfg, datasets)
     st = SaliencyStore.open(cfg.store, "a")
     summary: dict[str, Any] = {"store": cfg.store, "splits": {}, "maps": []}
     jobs: list[MapJob] = []

@@ -248,6 +248,16 @@ def test_cli_refuses_bad_teachers_with_one_line(tmp_path, spec, match):
     res = CliRunner().invoke(main, ["precompute", *DATA_ARGS, "--store", str(tmp_path / "s.zarr"),
                                     "--teacher", spec, "--quiet"])
     assert re.search(match, one_line_error(res)), res.stderr
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_refused_method_leaves_no_store(tmp_path):
+    w = _save(_net("timm", "convnext_atto"), tmp_path / "c.safetensors")
+    res = CliRunner().invoke(main, ["precompute", *DATA_ARGS, "--store", str(tmp_path / "s.zarr"),
+                                    "--teacher", f"timm:convnext_atto@{w}", "--method", "gbp",
+                                    "--quiet"])
+    assert "gbp needs every activation to be an nn.ReLU module" in one_line_error(res)
+    assert not (tmp_path / "s.zarr").exists()
 
 
 def test_cli_cam_layer_names_the_layer(tmp_path):
@@ -256,6 +266,7 @@ def test_cli_cam_layer_names_the_layer(tmp_path):
             f"timm:resnet18@{w}", "--method", "gradcam++", "--quiet", "--json"]
     bad = CliRunner().invoke(main, [*args, "--cam-layer", "layer9"])
     assert "cam layer 'layer9' is not a module of 'resnet18'" in one_line_error(bad)
+    assert not (tmp_path / "s.zarr").exists()
     ok = CliRunner().invoke(main, [*args, "--cam-layer", "layer3"])
     assert ok.exit_code == 0, ok.output
     prov = SaliencyStore.open(str(tmp_path / "s.zarr"), "r").split("train").open_map(
@@ -269,3 +280,12 @@ def test_parse_short_form_resolves_weights(tmp_path, monkeypatch):
     spec = parse_teacher("timm:resnet18@w.safetensors")
     assert (spec.library, spec.model, spec.weights) == ("timm", "resnet18",
                                                         str(tmp_path / "w.safetensors"))
+
+
+def test_list_models_and_datasets_say_what_is_available():
+    models = CliRunner().invoke(main, ["list", "models"]).output.splitlines()
+    assert "resnet18" in models
+    assert any(m.startswith("timm:<model>@<weights.safetensors>") and timm.__version__ in m
+               for m in models)
+    assert any(m.startswith("torchvision:<model>@<weights.safetensors>") for m in models)
+    assert "coco" in CliRunner().invoke(main, ["list", "datasets"]).output.split()
