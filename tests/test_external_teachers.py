@@ -289,3 +289,18 @@ def test_list_models_and_datasets_say_what_is_available():
                for m in models)
     assert any(m.startswith("torchvision:<model>@<weights.safetensors>") for m in models)
     assert "coco" in CliRunner().invoke(main, ["list", "datasets"]).output.split()
+
+
+def test_dask_workers_rebuild_the_teacher_as_planned(tmp_path):
+    weights = _save(_net("torchvision", "resnet18"), tmp_path / "w.safetensors")
+    teacher = f"torchvision:resnet18@{weights}"
+    maps = []
+    for workers in (1, 2):
+        store = tmp_path / f"s{workers}.zarr"
+        run(_cfg(store, teacher, methods=("gbp", "gradcam++"), workers=workers))
+        sp = SaliencyStore.open(str(store), "r").split("train")
+        maps.append({name: sp.open_map(name).read(0, sp.n) for name in sp.maps()})
+    assert sorted(maps[0]) == ["torchvision-resnet18-external-gbp",
+                               "torchvision-resnet18-external-gradcampp"]
+    for name in maps[0]:
+        assert np.array_equal(maps[0][name], maps[1][name]), name
