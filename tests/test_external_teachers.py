@@ -304,3 +304,12 @@ def test_dask_workers_rebuild_the_teacher_as_planned(tmp_path):
                                "torchvision-resnet18-external-gradcampp"]
     for name in maps[0]:
         assert np.array_equal(maps[0][name], maps[1][name]), name
+
+
+def test_building_a_teacher_leaves_the_global_rng_alone(tmp_path):
+    w = _save(_net("timm", "resnet18"), tmp_path / "w.safetensors")
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    load_external(f"timm:resnet18@{w}", "cpu", image_shape=(3, SIZE, SIZE))
+    assert torch.equal(torch.rand(3), expected)

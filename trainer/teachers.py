@@ -226,6 +226,13 @@ def _construct(spec: TeacherSpec, num_classes: int | None) -> nn.Module:
     kw = dict(spec.kwargs)
     if num_classes is not None:
         kw["num_classes"] = num_classes
+    # The random initialisation is overwritten by the weights; fork the RNG so that building a
+    # teacher leaves the caller's global torch RNG where it was.
+    with torch.random.fork_rng(devices=[]):
+        return _construct_unseeded(spec, kw)
+
+
+def _construct_unseeded(spec: TeacherSpec, kw: dict[str, Any]) -> nn.Module:
     try:
         if spec.library == "timm":
             try:
