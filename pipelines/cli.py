@@ -258,7 +258,11 @@ def teacher(**kw: Any) -> None:
 @click.option("--store", required=True, help="Store path or URL (created if missing).")
 @click.option("--splits", default="train,val", show_default=True, help="Splits to ingest.")
 @click.option("--map-splits", default="train", show_default=True, help="Splits that get maps.")
-@click.option("--teacher", "teachers", multiple=True, type=click.Path(), help="Teacher checkpoint (repeatable).")
+@click.option("--teacher", "teachers", multiple=True, type=click.Path(),
+              help="Teacher checkpoint, timm:<model>@<weights.safetensors>, torchvision:<model>@<...> "
+                   "or a .json/.yaml teacher file (repeatable).")
+@click.option("--cam-layer", default=None,
+              help="Module Grad-CAM explains in timm/torchvision teachers (default: per family).")
 @click.option("--method", "methods", default="gbp", show_default=True,
               help="Comma-separated saliency methods run on every teacher.")
 @click.option("--weak", default="", help="Weak saliency from annotations: box, mask (comma-separated).")
@@ -286,7 +290,7 @@ def precompute(**kw: Any) -> None:
     data = build_data_spec(kw)
     cfg = PrecomputeConfig(
         store=kw["store"], data=data, splits=_csv(kw["splits"]), map_splits=_csv(kw["map_splits"]),
-        with_images=not kw["no_images"], teachers=tuple(kw["teachers"]),
+        with_images=not kw["no_images"], teachers=tuple(kw["teachers"]), cam_layer=kw["cam_layer"],
         methods=_csv(kw["methods"]) if kw["teachers"] else (), weak=_csv(kw["weak"]),
         target_rule=kw["target_rule"], quantile=kw["quantile"], heat_threshold=kw["heat_threshold"],
         chunk_size=kw["chunk_size"], shard_chunks=kw["shard_chunks"], batch_size=kw["batch_size"],
@@ -517,7 +521,12 @@ def compare(spec_file: str | None, preset: str | None, variant: str | None,
 def list_cmd(what: str) -> None:
     """List registered models, saliency methods, training modes, attacks or datasets."""
     if what == "models":
-        from trainer.models import list_models as f
+        from trainer.teachers import list_teacher_sources
+
+        def f():
+            from trainer.models import list_models
+
+            return list_models() + list_teacher_sources()
     elif what == "methods":
         from trainer.saliency import list_methods as f
     elif what == "modes":

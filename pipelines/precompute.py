@@ -36,7 +36,8 @@ class PrecomputeConfig:
     splits: tuple[str, ...] = ("train", "val")  # splits ingested (labels, ids, fingerprint, images)
     map_splits: tuple[str, ...] = ("train",)  # splits that get maps
     with_images: bool = True  # store uint8 images too, so training reads one store
-    teachers: tuple[str, ...] = ()  # teacher checkpoints (teacher.safetensors)
+    teachers: tuple[str, ...] = ()  # teacher checkpoints, or timm:/torchvision: teachers
+    cam_layer: str | None = None  # Grad-CAM layer of timm/torchvision teachers (None: default)
     methods: tuple[str, ...] = ("gbp",)  # saliency methods run on every teacher
     weak: tuple[str, ...] = ()  # weak saliency from annotations: "box", "mask"
     target_rule: str = "label"  # saliency target: ground truth (paper) or teacher argmax
@@ -62,12 +63,15 @@ class PrecomputeConfig:
         if self.teachers and not self.methods:
             raise SatError("teachers given but no saliency methods")
         from trainer.saliency import list_methods
+        from trainer.teachers import is_external, parse_teacher
 
         for m in self.methods:
             if m not in list_methods():
                 raise SatError(f"unknown saliency method {m!r}; choose one of: {', '.join(list_methods())}")
         for t in self.teachers:
-            if not Path(t).is_file():
+            if is_external(t):
+                parse_teacher(t)  # refuses a malformed spec or a missing weights file
+            elif not Path(t).is_file():
                 raise SatError(f"teacher checkpoint not found: {t}")
         if not 0.0 <= self.quantile < 1.0:
             raise SatError(f"quantile must be in [0, 1), got {self.quantile}")
@@ -94,6 +98,7 @@ class MapJob:
     shard: int
     teacher: str | None = None
     teacher_sha256: str | None = None  # of the checkpoint recorded in the map's provenance
+    teacher_options: dict[str, Any] = field(default_factory=dict)  # timm/torchvision: see load_external
     method: str | None = None
     method_params: dict[str, Any] = field(default_factory=dict)
     target_rule: str = "label"
@@ -174,7 +179,10 @@ def worker_device(device: str, worker_name: object, gpus: int) -> str:
 def _load_teacher(job: MapJob, device):
     """The teacher of ``job``, after checking that the file is the one recorded in provenance."""
     from trainer.checkpoint import file_sha256, load_model
+    from trainer.teachers import is_external, load_external
 
+    if is_external(job.teacher):
+        return load_external(job.teacher, device, sha256=job.teacher_sha256, **job.teacher_options)
     if job.teacher_sha256 is not None:
         actual = file_sha256(job.teacher)
         if actual != job.teacher_sha256:
@@ -374,7 +382,8 @@ def _plan_maps(cfg: PrecomputeConfig, split_name: str, ds) -> list[tuple[str, di
         }
         plans.append((sanitize_map_name(source), prov, enc, 1, {"kind": "weak", "weak_source": source}))
     for t in cfg.teachers:
-        tprov = describe_teacher(t)
+        tprov = describe_teacher(t, image_shape=ds.image_shape, methods=cfg.methods,
+                                 cam_layer=cfg.cam_layer)
         if tprov["teacher_num_classes"] not in (None, ds.num_classes):
             raise SatError(
                 f"teacher {t} predicts {tprov['teacher_num_classes']} classes, dataset "
@@ -395,13 +404,34 @@ def _plan_maps(cfg: PrecomputeConfig, split_name: str, ds) -> list[tuple[str, di
             plans.append(
                 (map_name_from_provenance(prov), prov, enc, map_channels(method, ds.image_shape[0]),
                  {"kind": "teacher", "teacher": t, "method": m,
-                  "teacher_sha256": tprov["checkpoint_sha256"]})
+                  "teacher_sha256": tprov["checkpoint_sha256"],
+                  "teacher_options": _teacher_options(tprov, ds)})
             )
     names = [p[0] for p in plans]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise SatError(f"two maps would share the name(s) {sorted(dup)}; vary teachers or methods")
     return plans
+
+
+def _check_external_teachers(cfg: PrecomputeConfig, datasets: dict) -> None:
+    """Refuse a timm/torchvision teacher that cannot run the methods on these images before
+    the store is created (a refusal then leaves nothing behind)."""
+    from pipelines.teacher import describe_teacher
+    from trainer.teachers import is_external
+
+    for t in cfg.teachers:
+        if is_external(t):
+            for s in cfg.map_splits:
+                describe_teacher(t, image_shape=datasets[s].image_shape, methods=cfg.methods,
+                                 cam_layer=cfg.cam_layer)
+
+
+def _teacher_options(tprov: dict[str, Any], ds) -> dict[str, Any]:
+    """How a worker rebuilds a timm/torchvision teacher as planned (empty for ours)."""
+    if "teacher_library" not in tprov:
+        return {}
+    return {"image_shape": list(ds.image_shape), "cam_layer": tprov["teacher_cam_layer"]}
 
 
 def _method_params(cfg: PrecomputeConfig) -> dict[str, Any]:
@@ -511,6 +541,7 @@ def run(cfg: PrecomputeConfig) -> dict[str, Any]:
     # Open every split first: a missing folder or a bad annotation file is then reported
     # before anything is created at the store location.
     datasets = {name: cfg.data.open(name) for name in cfg.splits}
+    _check_external_teachers(cfg, datasets)
     st = SaliencyStore.open(cfg.store, "a")
     summary: dict[str, Any] = {"store": cfg.store, "splits": {}, "maps": []}
     jobs: list[MapJob] = []

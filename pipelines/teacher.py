@@ -157,10 +157,18 @@ def _phase(model, mode, train, val, loop: LoopConfig, run_dir: Path, device, *, 
     return result["final"], True
 
 
-def describe_teacher(path: str | Path) -> dict[str, Any]:
-    """Provenance of a teacher checkpoint: architecture, training mode and sha256."""
-    from trainer.checkpoint import file_sha256, load_checkpoint
+def describe_teacher(path: str | Path, **use: Any) -> dict[str, Any]:
+    """Provenance of a teacher checkpoint: architecture, training mode and sha256.
 
+    A timm / torchvision teacher (``timm:resnet18@w.safetensors`` or a teacher file) is
+    described by :func:`trainer.teachers.describe_external`, which takes ``use``
+    (image_shape, methods, cam_layer) to refuse what the teacher cannot do.
+    """
+    from trainer.checkpoint import file_sha256, load_checkpoint
+    from trainer.teachers import describe_external, is_external
+
+    if is_external(path):
+        return describe_external(str(path), **use)
     ck = load_checkpoint(path)
     return {
         "teacher_arch": ck.arch.get("name"),

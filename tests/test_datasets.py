@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from saliency_cache.errors import SatError
+from tests.coco_data import make_coco
 from tests.fixtures import (
     make_cifar_pickles,
     make_imagefolder,
@@ -44,6 +45,7 @@ FACTORIES = {
     "tiny-imagenet": lambda p: (make_tiny_imagenet(p), {"image_size": 16}),
     "oxford17": lambda p: (make_oxford17(p), {"image_size": 16}),
     "synthetic": lambda p: (None, {"n": 20, "image_size": 16}),
+    "coco": lambda p: (make_coco(p / "coco") and p / "coco", {"image_size": 16}),
 }
 
 

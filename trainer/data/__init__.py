@@ -5,7 +5,7 @@ names them); :mod:`trainer.data.weak` rasterises boxes and masks into ±1 maps. 
 package registers every source. Like the sources themselves it imports numpy and PIL only.
 """
 
-from trainer.data import cifar, imagefolder, oxford17, synthetic, tiny_imagenet  # noqa: F401  (register)
+from trainer.data import cifar, coco, imagefolder, oxford17, synthetic, tiny_imagenet  # noqa: F401  (register)
 from trainer.data.base import (
     DATASETS,
     FINGERPRINT_VERSION,
@@ -17,6 +17,7 @@ from trainer.data.base import (
     open_dataset,
 )
 from trainer.data.cifar import Cifar10Dataset, Cifar100Dataset
+from trainer.data.coco import CocoDataset
 from trainer.data.files import rescale_box
 from trainer.data.imagefolder import ImageFolderDataset
 from trainer.data.oxford17 import Oxford17Dataset
@@ -30,6 +31,7 @@ __all__ = [
     "Box",
     "Cifar10Dataset",
     "Cifar100Dataset",
+    "CocoDataset",
     "ImageDataset",
     "ImageFolderDataset",
     "Oxford17Dataset",

@@ -92,9 +92,11 @@ def weak_maps(dataset: ImageDataset, start: int, stop: int, source: str = "box")
     out = np.zeros((stop - start, 1, h, w), dtype=np.int8)
     for k, i in enumerate(range(start, stop)):
         if source == "box":
-            box = dataset.get_box(i)
-            if box is not None:
-                out[k] = box_to_map(box, h, w)
+            # a source may cover several boxes per sample (coco with objects="class")
+            boxes = dataset.get_boxes(i) if hasattr(dataset, "get_boxes") else [dataset.get_box(i)]
+            maps = [box_to_map(b, h, w) for b in boxes if b is not None]
+            if maps:
+                out[k] = np.max(maps, axis=0)  # +1 inside any of the boxes
         else:
             mask, ignore = dataset.get_mask(i)
             if mask is not None:
