@@ -75,8 +75,9 @@ def run(cfg: TeacherConfig) -> dict[str, Any]:
     from trainer.perturb import PerturbConfig, create_mode
     from trainer.prune import make_permanent, prune_global, prune_schedule, sparsity
 
+    # No mkdir here: the loop creates the run directory once the data has loaded and a
+    # --resume is accepted, so a run refused on bad data leaves no empty --out behind.
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.loop.seed)  # model initialisation
     train_ds, images, labels = load_split_arrays(cfg.data, "train")

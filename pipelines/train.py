@@ -57,8 +57,10 @@ class TrainConfig:
             raise SatError(f"unknown training mode {self.mode!r}; choose one of: {', '.join(list_modes())}")
         if self.arch not in list_models():
             raise SatError(f"unknown architecture {self.arch!r}; choose one of: {', '.join(list_models())}")
-        if self.batch_size < 1 or self.width < 1 or self.workers < 0:
-            raise SatError("batch size and width must be >= 1 and workers >= 0")
+        for what, v, low in (("batch size", self.batch_size, 1), ("width", self.width, 1),
+                             ("workers", self.workers, 0)):
+            if v < low:
+                raise SatError(f"{what} must be >= {low}, got {v}")
         if self.sat_reach_fraction is not None and not 0 < self.sat_reach_fraction <= 1:
             raise SatError(f"sat reach fraction must be in (0, 1], got {self.sat_reach_fraction}")
 

@@ -1,0 +1,173 @@
+"""Precompute, before anything is written: every input checked, every map planned.
+
+:func:`plan_all` opens nothing at the store location. It reads each split's image headers,
+every box or mask the weak maps will use, and loads each teacher, checks its weights, its
+class count and channels against the data and runs it on the first image, so that a wrong
+input is reported before a store, a split or a map exists. :func:`cleanup_failed` undoes
+what a failed run created: maps that got no chunk, and a store that was new and got none.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from saliency_cache.errors import SatError
+from saliency_cache.store import map_name_from_provenance, sanitize_map_name
+
+# One map to write: (name, provenance, encoding, channels, MapJob keyword arguments).
+Plan = tuple[str, dict, str, int, dict]
+
+
+def method_params(cfg) -> dict[str, Any]:
+    """Parameters for every method; each method keeps the ones it takes (seed: SmoothGrad,
+    threshold: Grad-CAM++ boxes)."""
+    return {"seed": cfg.seed, "threshold": cfg.heat_threshold, **cfg.method_params}
+
+
+def check_annotations(ds, source: str) -> None:
+    """Read every ``source`` ("box" or "mask") annotation of ``ds``: a mask of the wrong size or
+    an unreadable file raises :class:`SatError` (naming the file) here, not in a map task."""
+    for i in np.flatnonzero(ds.annotated(source)):
+        if source == "box":
+            ds.get_box(int(i))
+        else:
+            ds.get_mask(int(i))
+
+
+def check_teacher(path: str, ds) -> tuple[dict[str, Any], Any]:
+    """(provenance, model on the CPU in eval mode) of teacher ``path``, checked against ``ds``.
+
+    Loads the model (a truncated file, weights that do not fit the recorded architecture or
+    hold NaN/inf raise :class:`SatError`), compares its class count and input channels with
+    the dataset's, and runs it on the first image: logits of another shape, or non-finite
+    ones, are refused with the teacher and the sample id named.
+    """
+    import torch
+
+    from pipelines.teacher import describe_teacher
+    from trainer.checkpoint import load_model
+
+    tprov = describe_teacher(path)
+    if tprov["teacher_num_classes"] not in (None, ds.num_classes):
+        raise SatError(
+            f"teacher {path} predicts {tprov['teacher_num_classes']} classes, dataset "
+            f"{ds.name}/{ds.split} has {ds.num_classes}"
+        )
+    model, ck = load_model(path, "cpu")
+    channels = ck.arch.get("in_channels", 3)
+    if channels != ds.image_shape[0]:
+        raise SatError(
+            f"teacher {path} takes {channels}-channel images, dataset {ds.name} has "
+            f"{ds.image_shape[0]} channels"
+        )
+    if len(ds):
+        x = torch.from_numpy(np.asarray(ds.load_images(0, 1))).float().div_(255.0)
+        try:
+            with torch.no_grad():
+                logits = model(x)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            raise SatError(
+                f"teacher {path} cannot run on {ds.name} images of shape "
+                f"{tuple(ds.image_shape)}: {first}"
+            ) from None
+        if tuple(logits.shape) != (1, ds.num_classes):
+            raise SatError(
+                f"teacher {path} gives logits of shape {tuple(logits.shape)[1:]}, dataset "
+                f"{ds.name} has {ds.num_classes} classes"
+            )
+        if not bool(torch.isfinite(logits).all()):
+            raise SatError(
+                f"teacher {path} gives non-finite logits on sample {ds.ids()[0]!r} of "
+                f"{ds.name}/{ds.split}"
+            )
+    return tprov, model
+
+
+def plan_maps(cfg, ds, teachers: dict[str, dict[str, Any]]) -> list[Plan]:
+    """Every map to write in split ``ds``; ``teachers`` maps each checkpoint to its checked
+    provenance (:func:`check_teacher`)."""
+    from trainer.data.weak import weak_encoding
+    from trainer.saliency import create_method, map_channels, method_encoding
+
+    plans = []
+    for source in cfg.weak:
+        enc, missing = weak_encoding(ds, source)
+        prov = {
+            "source": source, "method": f"{source}-annotation", "encoding": enc,
+            "threshold": None, "target_rule": None, "missing_annotations": int(missing),
+            "dataset": ds.describe(),
+        }
+        plans.append((sanitize_map_name(source), prov, enc, 1, {"kind": "weak", "weak_source": source}))
+    for t in cfg.teachers:
+        tprov = teachers[t]
+        for m in cfg.methods:
+            method = create_method(m, **method_params(cfg))
+            enc = method_encoding(method)
+            prov = {
+                "source": "teacher", **tprov, "method": m, "method_params": method.params,
+                "encoding": enc,
+                "threshold": cfg.quantile if enc == "ternary" else method.params.get("threshold", cfg.heat_threshold),
+                "threshold_kind": "quantile" if enc == "ternary" else "heatmap_fraction",
+                "target_rule": cfg.target_rule, "seed": cfg.seed,
+            }
+            plans.append(
+                (map_name_from_provenance(prov), prov, enc, map_channels(method, ds.image_shape[0]),
+                 {"kind": "teacher", "teacher": t, "method": m,
+                  "teacher_sha256": tprov["checkpoint_sha256"]})
+            )
+    names = [p[0] for p in plans]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise SatError(f"two maps would share the name(s) {sorted(dup)}; vary teachers or methods")
+    return plans
+
+
+def plan_all(cfg, datasets: dict[str, Any]) -> tuple[dict[str, list[Plan]], dict[str, Any]]:
+    """Check every input of a precompute and plan its maps: ({split: [Plan, ...]},
+    {teacher checkpoint: its model, loaded on the CPU}).
+
+    Reads every image header of each split (a zero-byte or non-image file is named), every
+    annotation the weak maps use, and loads every teacher once (:func:`check_teacher`,
+    against the first map split's data). Raises :class:`SatError` on the first bad input.
+    """
+    for ds in datasets.values():
+        ds.check_files()
+    teachers: dict[str, dict[str, Any]] = {}
+    models: dict[str, Any] = {}
+    plans: dict[str, list[Plan]] = {}
+    for split in cfg.map_splits:
+        ds = datasets[split]
+        for source in cfg.weak:
+            check_annotations(ds, source)
+        for t in cfg.teachers:
+            if t not in teachers:
+                teachers[t], models[t] = check_teacher(t, ds)
+        plans[split] = plan_maps(cfg, ds, teachers)
+    return plans, models
+
+
+def cleanup_failed(store: str, created_store: bool, writers, created_maps: set) -> None:
+    """After a failed precompute: delete the maps this run created that got no chunk, and the
+    whole store when this run created it and no map in it got a chunk (a retry then starts
+    from nothing instead of being refused by a half-made map). Maps with chunks stay, so a
+    retry resumes them. Best effort: a failure here must not hide the original error."""
+    written = False
+    for w in writers:
+        try:
+            got = bool(w.done_chunks().any())
+        except Exception:  # noqa: BLE001 - the map may be what failed; keep it then
+            got = True
+        written = written or got
+        try:
+            w.close()
+            if not got and (w.split.name, w.name) in created_maps:
+                w.split.delete_map(w.name)
+        except Exception:  # noqa: BLE001
+            pass
+    if created_store and not written:
+        shutil.rmtree(Path(store), ignore_errors=True)
