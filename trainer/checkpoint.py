@@ -152,7 +152,10 @@ def load_model(path: str | Path, device: torch.device | str) -> tuple[torch.nn.M
     arch = dict(ckpt.arch)
     name = arch.pop("name")
     num_classes = arch.pop("num_classes")
-    model = create_model(name, num_classes, **arch)
+    try:
+        model = create_model(name, num_classes, **arch)
+    except (SatError, TypeError) as e:  # an architecture this code cannot build
+        raise SatError(f"checkpoint {path} records an architecture that cannot be built: {e}") from None
     load_weights(model, fold_pruning(ckpt.model_state), path)
     return model.to(device).eval(), ckpt
 
