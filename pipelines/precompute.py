@@ -11,7 +11,6 @@ do not depend on how the work was split.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import zlib
@@ -22,7 +21,14 @@ from typing import Any
 import numpy as np
 
 from pipelines.common import DataSpec, config_dict, git_sha, tune_allocator, write_json
-from pipelines.precompute_plan import cleanup_failed, method_params, plan_all
+from pipelines.precompute_plan import (  # noqa: F401 - auto_shard_chunks is part of this module's API
+    auto_shard_chunks,
+    cleanup_failed,
+    cli_advice,
+    method_params,
+    plan_all,
+    shard_chunks,
+)
 from saliency_cache.errors import IncompleteMapError, MismatchError, SatError
 from saliency_cache.store import SaliencyStore
 
@@ -82,6 +88,11 @@ class PrecomputeConfig:
             raise SatError(f"shard chunks must be >= 1, got {self.shard_chunks}")
         if self.workers < 0:
             raise SatError(f"workers must be >= 0, got {self.workers}")
+        if not self.splits:
+            raise SatError("no splits given to ingest (--splits)")
+        if (self.teachers or self.weak) and not self.map_splits:
+            # Teachers or weak sources with nothing to map would be skipped without a word.
+            raise SatError("teachers or weak sources given but no map splits (--map-splits)")
         for s in self.map_splits:
             if s not in self.splits:
                 raise SatError(f"map split {s!r} is not among the ingested splits {self.splits}")
@@ -378,33 +389,6 @@ def _ingest(st: SaliencyStore, cfg: PrecomputeConfig, split_name: str, ds):
     return ds, split
 
 
-# A shard is the unit of a task (a task must own whole shards), so a map needs several of
-# them for the workers to share it: by default a map gets up to this many shards, each of at
-# most the store's DEFAULT_SHARD_CHUNKS chunks. It depends on the map's length only, never on
-# the worker count, so the layout (and every byte) is the same however the map was computed.
-TARGET_SHARDS = 16
-
-
-def auto_shard_chunks(n_chunks: int) -> int:
-    """Chunks per shard for a new map of ``n_chunks`` chunks when none is asked for.
-
-    ``ceil(n_chunks / 16)``, between 1 and 64: in chunks of 256, a 2,048-sample map gets 8
-    one-chunk shards and a 50,000-sample map 16 shards (15 of 13 chunks, 1 of 1). The store's
-    own default of 64 chunks per shard would make any map of up to 16,384 samples one task.
-    """
-    from saliency_cache.store import DEFAULT_SHARD_CHUNKS
-
-    return max(1, min(DEFAULT_SHARD_CHUNKS, math.ceil(n_chunks / TARGET_SHARDS)))
-
-
-def _shard_chunks(cfg: PrecomputeConfig, split, name: str) -> int | None:
-    if cfg.shard_chunks is not None:
-        return cfg.shard_chunks
-    if name in split.maps():
-        return None  # resume the map with the layout it was created with
-    return auto_shard_chunks(math.ceil(split.n / cfg.chunk_size))
-
-
 def _existing_client(address: str):
     """This process's default dask client if it is connected to ``address`` (else None)."""
     from dask.distributed import default_client
@@ -517,11 +501,6 @@ def run(cfg: PrecomputeConfig) -> dict[str, Any]:
     return summary
 
 
-def _cli_advice(e: SatError) -> SatError:
-    """``e`` with the store's advice in terms of this command's flags."""
-    return type(e)(str(e).replace("pass overwrite=True", "pass --overwrite"))
-
-
 def _write(cfg: PrecomputeConfig, st: SaliencyStore, datasets: dict, plans: dict,
            writers: list, created_maps: set) -> dict[str, Any]:
     """Ingest the splits into ``st`` and compute their planned maps. Every map writer opened
@@ -543,11 +522,11 @@ def _write(cfg: PrecomputeConfig, st: SaliencyStore, datasets: dict, plans: dict
             try:
                 w = split.create_map(
                     name, provenance=prov, encoding=enc, channels=channels,
-                    chunk_size=cfg.chunk_size, shard_chunks=_shard_chunks(cfg, split, name),
+                    chunk_size=cfg.chunk_size, shard_chunks=shard_chunks(cfg, split, name),
                     overwrite=cfg.overwrite,
                 )
             except (MismatchError, IncompleteMapError) as e:
-                raise _cli_advice(e) from None
+                raise cli_advice(e) from None
             writers.append(w)
             if not existed:
                 created_maps.add((split_name, name))

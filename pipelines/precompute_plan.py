@@ -5,10 +5,12 @@ every box or mask the weak maps will use, and loads each teacher, checks its wei
 class count and channels against the data and runs it on the first image, so that a wrong
 input is reported before a store, a split or a map exists. :func:`cleanup_failed` undoes
 what a failed run created: maps that got no chunk, and a store that was new and got none.
+The shard layout of a new map (:func:`auto_shard_chunks`) is planned here too.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -149,6 +151,40 @@ def plan_all(cfg, datasets: dict[str, Any]) -> tuple[dict[str, list[Plan]], dict
                 teachers[t], models[t] = check_teacher(t, ds)
         plans[split] = plan_maps(cfg, ds, teachers)
     return plans, models
+
+
+# A shard is the unit of a task (a task must own whole shards), so a map needs several of
+# them for the workers to share it: by default a map gets up to this many shards, each of at
+# most the store's DEFAULT_SHARD_CHUNKS chunks. It depends on the map's length only, never on
+# the worker count, so the layout (and every byte) is the same however the map was computed.
+TARGET_SHARDS = 16
+
+
+def auto_shard_chunks(n_chunks: int) -> int:
+    """Chunks per shard for a new map of ``n_chunks`` chunks when none is asked for.
+
+    ``ceil(n_chunks / 16)``, between 1 and 64: in chunks of 256, a 2,048-sample map gets 8
+    one-chunk shards and a 50,000-sample map 16 shards (15 of 13 chunks, 1 of 1). The store's
+    own default of 64 chunks per shard would make any map of up to 16,384 samples one task.
+    """
+    from saliency_cache.store import DEFAULT_SHARD_CHUNKS
+
+    return max(1, min(DEFAULT_SHARD_CHUNKS, math.ceil(n_chunks / TARGET_SHARDS)))
+
+
+def shard_chunks(cfg, split, name: str) -> int | None:
+    """Chunks per shard of map ``name``: the asked number, the layout of an existing map
+    (None), or :func:`auto_shard_chunks` for a new one."""
+    if cfg.shard_chunks is not None:
+        return cfg.shard_chunks
+    if name in split.maps():
+        return None  # resume the map with the layout it was created with
+    return auto_shard_chunks(math.ceil(split.n / cfg.chunk_size))
+
+
+def cli_advice(e: SatError) -> SatError:
+    """``e`` with the store's advice in terms of ``sat precompute``'s flags."""
+    return type(e)(str(e).replace("pass overwrite=True", "pass --overwrite"))
 
 
 def cleanup_failed(store: str, created_store: bool, writers, created_maps: set) -> None:

@@ -128,7 +128,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     train = WorkerLoader(stream, cfg.workers, pin_memory=torch.device(device).type == "cuda")
     st = SaliencyStore.open(cfg.store, "r", storage_options=opts)
     val = None
-    if cfg.val_split and cfg.val_split in st.splits():
+    if cfg.val_split and cfg.val_split not in st.splits():
+        # Not skipped in silence: the run would pick best.safetensors on training accuracy.
+        raise SatError(
+            f"validation split {cfg.val_split!r} is not in store {cfg.store} (splits: "
+            f"{', '.join(st.splits())}); pass --val-split '' to train without validation"
+        )
+    if cfg.val_split:
         val_images = cfg.data.open(cfg.val_split) if cfg.data is not None else None
         val = StoreStream(
             cfg.store, cfg.val_split, (), batch_size=max(cfg.batch_size, 256), shuffle=False,

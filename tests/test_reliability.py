@@ -291,3 +291,23 @@ def test_precompute_config_quotes_sizes():
                        ({"shard_chunks": 0}, "shard chunks must be >= 1, got 0")):
         with pytest.raises(SatError, match=expect):
             PrecomputeConfig(store="x.zarr", data=data, **kw)
+
+
+# ---- defaults that would fill in for missing data -------------------------------------
+def test_precompute_refuses_an_empty_split_list_and_maps_with_no_split():
+    data = DataSpec("synthetic", options={"n": 8})
+    with pytest.raises(SatError, match=r"no splits given to ingest \(--splits\)"):
+        PrecomputeConfig(store="x.zarr", data=data, splits=(), map_splits=())
+    with pytest.raises(SatError, match=r"no map splits \(--map-splits\)"):
+        PrecomputeConfig(store="x.zarr", data=data, weak=("mask",), map_splits=())
+
+
+def test_train_refuses_a_missing_validation_split(w, tmp_path):
+    args = ["train", "--store", str(w.store), "--mode", "standard", "--width", "4",
+            "--batch-size", "4", "--epochs", "1", "--robust-val-samples", "0", *CPU]
+    line = one_line_error(CliRunner().invoke(main, [*args, "--val-split", "test", "--out",
+                                                    str(tmp_path / "r")]))
+    assert "'test'" in line and "--val-split ''" in line, line
+    assert not (tmp_path / "r").exists()
+    res = CliRunner().invoke(main, [*args, "--val-split", "", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
