@@ -284,6 +284,18 @@ def test_a_full_disk_names_the_checkpoint(w, tmp_path, monkeypatch):
     assert not list(run_dir.rglob("*.tmp"))
 
 
+def test_a_full_disk_names_the_json_file(tmp_path, monkeypatch):
+    from pipelines.common import write_json
+
+    def full_disk(self, *args, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(SatError, match=r"cannot write .*result.json: No space left on device"):
+        write_json(tmp_path / "result.json", {"a": 1})
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_precompute_config_quotes_sizes():
     data = DataSpec("synthetic", options={"n": 8})
     for kw, expect in (({"chunk_size": 0}, "chunk size must be >= 1, got 0"),
