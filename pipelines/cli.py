@@ -216,6 +216,11 @@ def _per255(kw: dict[str, Any], name: str) -> float:
     return v / 255
 
 
+def _partial_advice(e: IncompleteMapError, advice: str) -> IncompleteMapError:
+    """The store's "pass allow_partial" (a library argument) as advice this command can take."""
+    return IncompleteMapError(str(e).replace("pass allow_partial", advice))
+
+
 def _echo_result(result: dict[str, Any], as_json: bool, human: str) -> None:
     if as_json:
         from pipelines.common import to_jsonable
@@ -370,8 +375,8 @@ def train(**kw: Any) -> None:
     )
     try:
         res = run(cfg)
-    except IncompleteMapError as e:  # the store's advice names the library argument
-        raise IncompleteMapError(str(e).replace("pass allow_partial", "pass --allow-partial")) from None
+    except IncompleteMapError as e:
+        raise _partial_advice(e, "pass --allow-partial") from None
     f = res["final"]
     _echo_result(res, kw["as_json"], f"run {res['run_dir']}: epoch {f.get('epoch')} "
                  f"val_acc={f.get('val_acc', float('nan')):.4f} "
@@ -414,7 +419,10 @@ def eval_cmd(**kw: Any) -> None:
         device=resolve_device(kw["device"]), seed=kw["seed"], show_progress=not kw["quiet"],
         storage_options=parse_storage_options(kw["storage_option"]),
     )
-    res = run(cfg)
+    try:
+        res = run(cfg)
+    except IncompleteMapError as e:  # eval has no --allow-partial: attacks need whole maps
+        raise _partial_advice(e, "run the same `sat precompute` again (it resumes)") from None
     _echo_result(res, kw["as_json"], results_markdown(res))
 
 

@@ -205,5 +205,24 @@ def cleanup_failed(store: str, created_store: bool, writers, created_maps: set) 
                 w.split.delete_map(w.name)
         except Exception:  # noqa: BLE001
             pass
-    if created_store and not written:
+    if created_store and not written and not _in_use(store):
         shutil.rmtree(Path(store), ignore_errors=True)
+
+
+def _in_use(store: str) -> bool:
+    """Whether another writer may be using the local ``store``: a writer lock file in it, or a
+    map with a written chunk. Two precomputes started together on a store that did not exist
+    both see it as new; the one that fails must not delete what the other writes. (Their
+    ingests, before any map exists, are not protected: the store has no lock for those.)"""
+    from saliency_cache.store import LOCK_NAME, SaliencyStore
+
+    if any(Path(store).rglob(LOCK_NAME)):
+        return True
+    try:
+        st = SaliencyStore.open(store, "r")
+        return any(
+            bool(st.split(s).inspect_map(m).done_chunks().any())
+            for s in st.splits() for m in st.split(s).maps()
+        )
+    except (SatError, OSError):  # a store too incomplete to open holds no map data
+        return False

@@ -234,6 +234,24 @@ def test_a_failed_ingest_into_a_new_store_leaves_no_store(w, tmp_path):
     assert not store.exists() and not (tmp_path / "new.precompute.json").exists()
 
 
+def test_a_new_store_another_writer_is_using_is_not_removed(w, tmp_path, monkeypatch):
+    import pipelines.precompute as pc
+    from saliency_cache.store import LOCK_NAME
+
+    store = tmp_path / "new.zarr"
+
+    def other_writer_then_fail(st, cfg, split_name, ds):
+        lock = store / "train" / "maps" / "other" / LOCK_NAME  # as a concurrent run holds
+        lock.parent.mkdir(parents=True)
+        lock.write_text('{"pid": 1}')
+        raise SatError("ingest failed")
+
+    monkeypatch.setattr(pc, "_ingest", other_writer_then_fail)
+    line = one_line_error(_precompute(w, store, w.teacher))
+    assert "ingest failed" in line
+    assert (store / "train" / "maps" / "other" / LOCK_NAME).exists()
+
+
 def test_the_refusal_of_a_changed_map_names_a_real_flag(w, tmp_path):
     store = Path(shutil.copytree(w.store, tmp_path / "s.zarr"))
     retrained = _teacher(tmp_path / "teacher.safetensors", seed=1)  # same name, other sha
@@ -267,6 +285,11 @@ def test_an_incomplete_map_names_the_allow_partial_flag(tmp_path):
         "train", "--store", str(store), "--mode", "sat", "--map", name, "--width", "4",
         "--epochs", "1", "--out", str(tmp_path / "r"), *CPU]))
     assert "--allow-partial" in line and "pass allow_partial" not in line, line
+    ckpt = _teacher(tmp_path / "t.safetensors", 4)
+    line = one_line_error(CliRunner().invoke(main, [
+        "eval", "--checkpoint", str(ckpt), "--store", str(store), "--split", "train",
+        "--attacks", "saliency-map", "--map", name, "--eps", "1", *CPU]))
+    assert "incomplete" in line and "allow_partial" not in line, line
 
 
 def test_a_full_disk_names_the_checkpoint(w, tmp_path, monkeypatch):
