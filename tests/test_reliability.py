@@ -200,6 +200,15 @@ def test_a_wrong_teacher_creates_no_store_and_no_map(w, tmp_path, wrong):
     assert _tree(existing) == before  # no 0-of-N-chunks map added
 
 
+def test_a_checkpoint_without_a_recorded_model_is_refused(tmp_path):
+    from trainer.checkpoint import load_model
+
+    path = tmp_path / "t.safetensors"
+    save_checkpoint(path, Checkpoint(arch={"width": 4}, model_state={"w": torch.zeros(1)}))
+    with pytest.raises(SatError, match=r"records no model name or num_classes"):
+        load_model(path, "cpu")
+
+
 def test_a_state_dict_mismatch_is_one_line_listing_the_keys(w, tmp_path):
     teacher = _teacher(tmp_path / "t.safetensors", width=8)
     line = one_line_error(CliRunner().invoke(main, [

@@ -150,6 +150,9 @@ def load_model(path: str | Path, device: torch.device | str) -> tuple[torch.nn.M
 
     ckpt = load_checkpoint(path)
     arch = dict(ckpt.arch)
+    missing = [k for k in ("name", "num_classes") if k not in arch]
+    if missing:
+        raise SatError(f"checkpoint {path} records no model {' or '.join(missing)} (arch {arch})")
     name = arch.pop("name")
     num_classes = arch.pop("num_classes")
     try:
