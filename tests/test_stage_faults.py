@@ -10,7 +10,8 @@ shards, done flags) are covered by the store's fault tests.
 
 The module builds one small world (an ImageFolder of 8 x 8 images, a width-4 teacher trained
 for one epoch, a store with its guided-backprop map, a one-epoch student, an Oxford-17
-fixture); each case copies what it damages into its own ``tmp_path``.
+fixture, a Tiny ImageNet fixture for box files); each case copies what it damages into its
+own ``tmp_path``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from click.testing import CliRunner
 
 from pipelines.cli import main
 from saliency_cache.store import SaliencyStore
-from tests.fixtures import make_imagefolder, make_oxford17
+from tests.fixtures import make_imagefolder, make_oxford17, make_tiny_imagenet
 from tests.helpers import one_line_error
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 
@@ -40,6 +41,7 @@ def world(tmp_path_factory):
     base = tmp_path_factory.mktemp("stage_faults")
     w = SimpleNamespace(base=base, images=make_imagefolder(base / "images", per_class=4, size=8))
     w.oxford = make_oxford17(base / "oxford", n_classes=2, size=16)
+    w.tiny = make_tiny_imagenet(base / "tiny", n_classes=2, per_class=3, size=16)
     w.teacher_dir = base / "teacher"
     w.store = base / "store.zarr"
     w.run = base / "run"
@@ -96,6 +98,9 @@ FILE_FAULTS: dict[str, Callable[[Path], None]] = {
     "truncated": _truncate, "empty": _empty, "garbage": _garbage,
 }
 CHECKPOINT_FAULTS = {**FILE_FAULTS, "removed": _remove, "nan": _nan_weights}
+# An empty box file is not a fault: its images have no box, which the map's provenance
+# records as missing annotations (see test_an_empty_box_file_is_recorded_as_missing_boxes).
+BOX_FILE_FAULTS = {"truncated": _truncate, "garbage": _garbage, "removed": _remove}
 
 
 # ---- the stages ------------------------------------------------------------------------
@@ -135,6 +140,14 @@ def precompute_masks(w, tmp):
             sorted((root / "labels").glob("*.png"))[0], [store])
 
 
+def precompute_boxes(w, tmp):
+    root = Path(shutil.copytree(w.tiny, tmp / "tiny"))
+    store = tmp / "new.zarr"
+    return (["precompute", "--dataset", "tiny-imagenet", "--data-root", str(root),
+             "--image-size", "16", "--store", str(store), "--weak", "box", "--quiet"],
+            sorted(root.glob("train/*/*_boxes.txt"))[0], [store])
+
+
 def precompute_teacher_new_store(w, tmp):
     teacher = Path(shutil.copy(w.teacher, tmp / "teacher.safetensors"))
     store = tmp / "new.zarr"
@@ -171,6 +184,7 @@ STAGES: dict[str, tuple[Callable, dict[str, Callable[[Path], None]]]] = {
     "teacher/resume checkpoint": (teacher_resume, CHECKPOINT_FAULTS),
     "precompute/dataset image": (precompute_images, FILE_FAULTS),
     "precompute/mask annotation": (precompute_masks, FILE_FAULTS),
+    "precompute/box annotation": (precompute_boxes, BOX_FILE_FAULTS),
     "precompute/teacher, new store": (precompute_teacher_new_store, CHECKPOINT_FAULTS),
     "precompute/teacher, existing store": (precompute_teacher_existing_store, CHECKPOINT_FAULTS),
     "train/resume checkpoint": (train_resume, CHECKPOINT_FAULTS),
@@ -198,3 +212,12 @@ def test_damaged_input_is_named_and_nothing_is_written(world, tmp_path, stage, f
         assert not p.exists(), f"{p} was left behind"
     assert _tree(tmp_path) == tmp_before
     assert _tree(world.base) == world_before
+
+
+def test_an_empty_box_file_is_recorded_as_missing_boxes(world, tmp_path):
+    cmd, boxes, _ = precompute_boxes(world, tmp_path)
+    _empty(boxes)
+    res = CliRunner().invoke(main, cmd)
+    assert res.exit_code == 0, res.output
+    prov = SaliencyStore.open(tmp_path / "new.zarr", "r").split("train").open_map("box").provenance
+    assert prov["missing_annotations"] == 3 and prov["encoding"] == "ternary"
