@@ -488,7 +488,8 @@ def run(cfg: PrecomputeConfig) -> dict[str, Any]:
                 w.close()
         if isinstance(e, OSError) and not isinstance(e, SatError):
             # A full disk or a permission error names the store, not only "No space left".
-            raise SatError(f"cannot write store {cfg.store}: {e.strerror or e}") from None
+            where = f" ({e.filename})" if e.filename else ""
+            raise SatError(f"cannot write store {cfg.store}: {e.strerror or e}{where}") from None
         raise
     _CHECKED.clear()
     for w in writers:
