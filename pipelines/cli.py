@@ -8,6 +8,7 @@ for any command's options; flags given on the command line override it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -17,7 +18,7 @@ import click
 
 from pipelines.common import tune_allocator
 from saliency_cache.cli import ErrorReportingGroup, cache, parse_storage_options
-from saliency_cache.errors import SatError
+from saliency_cache.errors import IncompleteMapError, SatError
 
 
 @click.group(cls=ErrorReportingGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -204,6 +205,22 @@ def _csv(value: str | None, cast=str) -> tuple:
     return tuple(out)
 
 
+def _per255(kw: dict[str, Any], name: str) -> float:
+    """Option ``--<name>`` (in /255 units) as a pixel-unit float, checked as the user typed it:
+    a bad value is quoted as given (``--eps -1``), not after the division (-0.0039)."""
+    v = kw.pop(name)
+    positive = name in ("pgd_step_size", "fgsm_alpha")  # a step of 0 would never move
+    if not (math.isfinite(v) and (v > 0 if positive else v >= 0) and v <= 255):
+        low = "(0" if positive else "[0"
+        raise SatError(f"--{name.replace('_', '-')} must be in {low}, 255] (/255 units), got {v:g}")
+    return v / 255
+
+
+def _partial_advice(e: IncompleteMapError, advice: str) -> IncompleteMapError:
+    """The store's "pass allow_partial" (a library argument) as advice this command can take."""
+    return IncompleteMapError(str(e).replace("pass allow_partial", advice))
+
+
 def _echo_result(result: dict[str, Any], as_json: bool, human: str) -> None:
     if as_json:
         from pipelines.common import to_jsonable
@@ -281,6 +298,8 @@ def teacher(**kw: Any) -> None:
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto (maps are byte-identical only on the same device type).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True)
+@click.option("--overwrite", is_flag=True,
+              help="Replace maps of the same name that were computed with other settings.")
 @click.option("--json", "as_json", is_flag=True)
 def precompute(**kw: Any) -> None:
     """Write dataset splits and saliency maps (teachers and/or boxes/masks) into a store."""
@@ -296,6 +315,7 @@ def precompute(**kw: Any) -> None:
         chunk_size=kw["chunk_size"], shard_chunks=kw["shard_chunks"], batch_size=kw["batch_size"],
         workers=kw["workers"], scheduler=kw["scheduler"], threads_per_worker=kw["threads_per_worker"],
         device=resolve_device(kw["device"]), seed=kw["seed"], show_progress=not kw["quiet"],
+        overwrite=kw["overwrite"],
     )
     res = run(cfg)
     names = ", ".join(f"{m['split']}/{m['name']}" for m in res["maps"]) or "no maps"
@@ -349,11 +369,13 @@ def train(**kw: Any) -> None:
     check_out_dir(kw["out"])
     data = build_data_spec(kw)
     loop = build_loop(kw)
+    px = {name: _per255(kw, name) for name in
+          ("eps", "sat_eps", "pgd_step_size", "uniform_eps", "fgsm_alpha")}
     perturb = PerturbConfig(
-        eps=kw["eps"] / 255, sat_eps=kw["sat_eps"] / 255, sat_alpha=kw["sat_alpha"],
+        eps=px["eps"], sat_eps=px["sat_eps"], sat_alpha=kw["sat_alpha"],
         mix_p=kw["mix_p"], trades_beta=kw["trades_beta"], pgd_steps=kw["pgd_steps"],
-        pgd_step_size=kw["pgd_step_size"] / 255, trades_steps=kw["trades_steps"],
-        uniform_eps=kw["uniform_eps"] / 255, fgsm_rs_alpha=kw["fgsm_alpha"] / 255,
+        pgd_step_size=px["pgd_step_size"], trades_steps=kw["trades_steps"],
+        uniform_eps=px["uniform_eps"], fgsm_rs_alpha=px["fgsm_alpha"],
         gradnorm_lambda=kw["gradnorm_lambda"], sgt_fraction=kw["sgt_fraction"],
         sgt_fill=kw["sgt_fill"], sgt_lambda=kw["sgt_lambda"],
     )
@@ -364,7 +386,10 @@ def train(**kw: Any) -> None:
         workers=kw["workers"], device=resolve_device(kw["device"]), resume=kw["resume"],
         allow_partial=kw["allow_partial"], storage_options=parse_storage_options(kw["storage_option"]),
     )
-    res = run(cfg)
+    try:
+        res = run(cfg)
+    except IncompleteMapError as e:
+        raise _partial_advice(e, "pass --allow-partial") from None
     f = res["final"]
     _echo_result(res, kw["as_json"], f"run {res['run_dir']}: epoch {f.get('epoch')} "
                  f"val_acc={f.get('val_acc', float('nan')):.4f} "
@@ -413,7 +438,10 @@ def eval_cmd(**kw: Any) -> None:
         device=resolve_device(kw["device"]), seed=kw["seed"], show_progress=not kw["quiet"],
         storage_options=parse_storage_options(kw["storage_option"]),
     )
-    res = run(cfg)
+    try:
+        res = run(cfg)
+    except IncompleteMapError as e:  # eval has no --allow-partial: attacks need whole maps
+        raise _partial_advice(e, "run the same `sat precompute` again (it resumes)") from None
     _echo_result(res, kw["as_json"], results_markdown(res))
 
 

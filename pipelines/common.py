@@ -73,10 +73,17 @@ def to_jsonable(obj: Any) -> Any:
 def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON atomically (temp file + rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(to_jsonable(obj), indent=2, default=str) + "\n")
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(to_jsonable(obj), indent=2, default=str) + "\n")
+        tmp.replace(path)
+    except OSError as e:  # a full disk names the file, not only "No space left on device"
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise SatError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def check_out_dir(path: str | Path, what: str = "--out") -> Path:

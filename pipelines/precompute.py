@@ -11,7 +11,6 @@ do not depend on how the work was split.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import zlib
@@ -22,8 +21,16 @@ from typing import Any
 import numpy as np
 
 from pipelines.common import DataSpec, config_dict, git_sha, tune_allocator, write_json
-from saliency_cache.errors import SatError
-from saliency_cache.store import SaliencyStore, map_name_from_provenance, sanitize_map_name
+from pipelines.precompute_plan import (  # noqa: F401 - auto_shard_chunks is part of this module's API
+    auto_shard_chunks,
+    cleanup_failed,
+    cli_advice,
+    method_params,
+    plan_all,
+    shard_chunks,
+)
+from saliency_cache.errors import IncompleteMapError, MismatchError, SatError
+from saliency_cache.store import SaliencyStore
 
 WEAK_SOURCES = ("box", "mask")
 TARGET_RULES = ("label", "argmax")
@@ -53,6 +60,7 @@ class PrecomputeConfig:
     device: str = "cpu"
     seed: int = 0  # seeds stochastic methods (SmoothGrad) per chunk
     show_progress: bool = True
+    overwrite: bool = False  # replace maps of the same name computed with other settings
 
     def __post_init__(self) -> None:
         if self.target_rule not in TARGET_RULES:
@@ -77,10 +85,18 @@ class PrecomputeConfig:
             raise SatError(f"quantile must be in [0, 1), got {self.quantile}")
         if not 0.0 < self.heat_threshold <= 1.0:
             raise SatError(f"heat threshold must be in (0, 1], got {self.heat_threshold}")
-        if self.chunk_size < 1 or self.batch_size < 1:
-            raise SatError("chunk size and batch size must be >= 1")
+        for what, v in (("chunk size", self.chunk_size), ("batch size", self.batch_size)):
+            if v < 1:
+                raise SatError(f"{what} must be >= 1, got {v}")
+        if self.shard_chunks is not None and self.shard_chunks < 1:
+            raise SatError(f"shard chunks must be >= 1, got {self.shard_chunks}")
         if self.workers < 0:
             raise SatError(f"workers must be >= 0, got {self.workers}")
+        if not self.splits:
+            raise SatError("no splits given to ingest (--splits)")
+        if (self.teachers or self.weak) and not self.map_splits:
+            # Teachers or weak sources with nothing to map would be skipped without a word.
+            raise SatError("teachers or weak sources given but no map splits (--map-splits)")
         for s in self.map_splits:
             if s not in self.splits:
                 raise SatError(f"map split {s!r} is not among the ingested splits {self.splits}")
@@ -120,6 +136,9 @@ class MapJob:
 # split's fingerprint), not only paths: an in-process run and the workers of an existing
 # scheduler outlive one precompute, and a teacher retrained in place must not be served stale.
 _WORKER_CACHE: dict[tuple, Any] = {}
+# Teachers the input checks of an in-process run loaded on the CPU, by (path, sha256): the
+# first task takes its model from here (after the same sha256 check) instead of loading it.
+_CHECKED: dict[tuple, Any] = {}
 
 
 def _cached(key: tuple, make):
@@ -191,6 +210,9 @@ def _load_teacher(job: MapJob, device):
                 f"{job.name!r} (sha256 {actual[:12]}..., recorded {job.teacher_sha256[:12]}...); "
                 "run precompute again"
             )
+    checked = _CHECKED.pop((job.teacher, job.teacher_sha256), None)
+    if checked is not None and str(device) == "cpu":
+        return checked
     return load_model(job.teacher, device)[0]
 
 
@@ -280,6 +302,7 @@ def _job_tasks(job: MapJob, on_job_done=None, writer=None):
             return maps
     else:
         from trainer.saliency import compute_maps, create_method
+        from trainer.saliency.maps import NonFiniteSaliencyError
 
         device = torch.device(job.device)
         model = _cached(("teacher", job.teacher, job.teacher_sha256, job.device),
@@ -296,10 +319,18 @@ def _job_tasks(job: MapJob, on_job_done=None, writer=None):
             for b in range(0, e - s, job.batch_size):
                 x = torch.from_numpy(imgs[b : b + job.batch_size]).to(device).float().div_(255.0)
                 y = torch.from_numpy(labels[s + b : s + b + x.shape[0]]).to(device)
-                maps, _ = compute_maps(
-                    method, model, x, y, target_rule=job.target_rule,
-                    quantile=job.quantile, heat_threshold=job.heat_threshold,
-                )
+                try:
+                    maps, _ = compute_maps(
+                        method, model, x, y, target_rule=job.target_rule,
+                        quantile=job.quantile, heat_threshold=job.heat_threshold,
+                    )
+                except NonFiniteSaliencyError as err:
+                    i = s + b + err.index
+                    raise SatError(
+                        f"teacher {job.teacher} gives non-finite {err.what} on sample "
+                        f"{split.ids()[i]!r} (index {i} of split {job.split!r}); map "
+                        f"{job.name!r} chunk {k} not written"
+                    ) from None
                 parts.append(np.asarray(maps, dtype=np.int8))
             return np.concatenate(parts)
 
@@ -364,107 +395,6 @@ def _ingest(st: SaliencyStore, cfg: PrecomputeConfig, split_name: str, ds):
             split.write_images(s, np.asarray(ds.load_images(s, e), dtype=np.uint8))
         split.mark_images_complete()
     return ds, split
-
-
-def _plan_maps(cfg: PrecomputeConfig, split_name: str, ds) -> list[tuple[str, dict, str, int, dict]]:
-    """(name, provenance, encoding, channels, job kwargs) for every map to write in a split."""
-    from pipelines.teacher import describe_teacher
-    from trainer.data.weak import weak_encoding
-    from trainer.saliency import create_method, map_channels, method_encoding
-
-    plans = []
-    for source in cfg.weak:
-        enc, missing = weak_encoding(ds, source)
-        prov = {
-            "source": source, "method": f"{source}-annotation", "encoding": enc,
-            "threshold": None, "target_rule": None, "missing_annotations": int(missing),
-            "dataset": ds.describe(),
-        }
-        plans.append((sanitize_map_name(source), prov, enc, 1, {"kind": "weak", "weak_source": source}))
-    for t in cfg.teachers:
-        tprov = describe_teacher(t, image_shape=ds.image_shape, methods=cfg.methods,
-                                 cam_layer=cfg.cam_layer)
-        if tprov["teacher_num_classes"] not in (None, ds.num_classes):
-            raise SatError(
-                f"teacher {t} predicts {tprov['teacher_num_classes']} classes, dataset "
-                f"{ds.name} has {ds.num_classes}"
-            )
-        for m in cfg.methods:
-            method = create_method(m, **_method_params(cfg))
-            enc = method_encoding(method)
-            prov = {
-                "source": "teacher", **tprov, "method": m, "method_params": method.params,
-                "encoding": enc,
-                "threshold": cfg.quantile if enc == "ternary" else method.params.get("threshold", cfg.heat_threshold),
-                "threshold_kind": "quantile" if enc == "ternary" else "heatmap_fraction",
-                "target_rule": cfg.target_rule, "seed": cfg.seed,
-            }
-            if method.version > 1:  # maps of version 1 carry no such key (written before it)
-                prov["method_version"] = method.version
-            plans.append(
-                (map_name_from_provenance(prov), prov, enc, map_channels(method, ds.image_shape[0]),
-                 {"kind": "teacher", "teacher": t, "method": m,
-                  "teacher_sha256": tprov["checkpoint_sha256"],
-                  "teacher_options": _teacher_options(tprov, ds)})
-            )
-    names = [p[0] for p in plans]
-    dup = {n for n in names if names.count(n) > 1}
-    if dup:
-        raise SatError(f"two maps would share the name(s) {sorted(dup)}; vary teachers or methods")
-    return plans
-
-
-def _check_external_teachers(cfg: PrecomputeConfig, datasets: dict) -> None:
-    """Refuse a timm/torchvision teacher that cannot run the methods on these images before
-    the store is created (a refusal then leaves nothing behind)."""
-    from pipelines.teacher import describe_teacher
-    from trainer.teachers import is_external
-
-    for t in cfg.teachers:
-        if is_external(t):
-            for s in cfg.map_splits:
-                describe_teacher(t, image_shape=datasets[s].image_shape, methods=cfg.methods,
-                                 cam_layer=cfg.cam_layer)
-
-
-def _teacher_options(tprov: dict[str, Any], ds) -> dict[str, Any]:
-    """How a worker rebuilds a timm/torchvision teacher as planned (empty for ours)."""
-    if "teacher_library" not in tprov:
-        return {}
-    return {"image_shape": list(ds.image_shape), "cam_layer": tprov["teacher_cam_layer"]}
-
-
-def _method_params(cfg: PrecomputeConfig) -> dict[str, Any]:
-    """Parameters for every method; each method keeps the ones it takes (seed: SmoothGrad,
-    threshold: Grad-CAM++ boxes)."""
-    return {"seed": cfg.seed, "threshold": cfg.heat_threshold, **cfg.method_params}
-
-
-# A shard is the unit of a task (a task must own whole shards), so a map needs several of
-# them for the workers to share it: by default a map gets up to this many shards, each of at
-# most the store's DEFAULT_SHARD_CHUNKS chunks. It depends on the map's length only, never on
-# the worker count, so the layout (and every byte) is the same however the map was computed.
-TARGET_SHARDS = 16
-
-
-def auto_shard_chunks(n_chunks: int) -> int:
-    """Chunks per shard for a new map of ``n_chunks`` chunks when none is asked for.
-
-    ``ceil(n_chunks / 16)``, between 1 and 64: in chunks of 256, a 2,048-sample map gets 8
-    one-chunk shards and a 50,000-sample map 16 shards (15 of 13 chunks, 1 of 1). The store's
-    own default of 64 chunks per shard would make any map of up to 16,384 samples one task.
-    """
-    from saliency_cache.store import DEFAULT_SHARD_CHUNKS
-
-    return max(1, min(DEFAULT_SHARD_CHUNKS, math.ceil(n_chunks / TARGET_SHARDS)))
-
-
-def _shard_chunks(cfg: PrecomputeConfig, split, name: str) -> int | None:
-    if cfg.shard_chunks is not None:
-        return cfg.shard_chunks
-    if name in split.maps():
-        return None  # resume the map with the layout it was created with
-    return auto_shard_chunks(math.ceil(split.n / cfg.chunk_size))
 
 
 def _existing_client(address: str):
@@ -534,82 +464,121 @@ def _overlap_io(cfg: PrecomputeConfig) -> bool:
 
 
 def run(cfg: PrecomputeConfig) -> dict[str, Any]:
+    """Ingest ``cfg.splits`` and write every planned map; return the run's summary.
+
+    Every input is checked first (:func:`pipelines.precompute_plan.plan_all`), so bad data
+    or a wrong teacher is reported before the store location is touched. On a failure after
+    that, the maps this run created without writing a chunk are deleted again, and a store
+    this run created is removed whole unless some map in it got a chunk (which a retry
+    resumes)."""
+    t0 = time.perf_counter()
+    datasets = {name: cfg.data.open(name) for name in cfg.splits}
+    plans, models = plan_all(cfg, datasets)
+    if cfg.device == "cpu" and cfg.workers <= 1 and not cfg.scheduler:
+        # The in-process tasks use the models the checks loaded, instead of loading again.
+        for plan in (p for split_plans in plans.values() for p in split_plans):
+            kw = plan[4]
+            if kw["kind"] == "teacher":
+                _CHECKED[(kw["teacher"], kw["teacher_sha256"])] = models[kw["teacher"]]
+    local = "://" not in cfg.store
+    created_store = local and not Path(cfg.store).exists()
+    writers: list = []
+    created_maps: set[tuple[str, str]] = set()
+    try:
+        st = SaliencyStore.open(cfg.store, "a")
+        summary = _write(cfg, st, datasets, plans, writers, created_maps)
+    except BaseException as e:
+        _CHECKED.clear()
+        if local:
+            cleanup_failed(cfg.store, created_store, writers, created_maps)
+        else:
+            for w in writers:
+                w.close()
+        if isinstance(e, OSError) and not isinstance(e, SatError):
+            # A full disk or a permission error names the store, not only "No space left".
+            where = f" ({e.filename})" if e.filename else ""
+            raise SatError(f"cannot write store {cfg.store}: {e.strerror or e}{where}") from None
+        raise
+    _CHECKED.clear()
+    for w in writers:
+        w.close()
+    summary.update(
+        seconds=time.perf_counter() - t0, config=config_dict(cfg), git_sha=git_sha(),
+    )
+    if local:
+        write_json(Path(cfg.store).with_suffix(".precompute.json"), summary)
+    return summary
+
+
+def _write(cfg: PrecomputeConfig, st: SaliencyStore, datasets: dict, plans: dict,
+           writers: list, created_maps: set) -> dict[str, Any]:
+    """Ingest the splits into ``st`` and compute their planned maps. Every map writer opened
+    is appended to ``writers`` (the caller closes them), and each map that did not exist
+    before is added to ``created_maps`` as (split, name)."""
     from tqdm.auto import tqdm
 
-    t0 = time.perf_counter()
     ingest_s = 0.0  # ingesting splits and checking existing ones against the data
-    # Open every split first: a missing folder or a bad annotation file is then reported
-    # before anything is created at the store location.
-    datasets = {name: cfg.data.open(name) for name in cfg.splits}
-    _check_external_teachers(cfg, datasets)
-    st = SaliencyStore.open(cfg.store, "a")
     summary: dict[str, Any] = {"store": cfg.store, "splits": {}, "maps": []}
     jobs: list[MapJob] = []
-    writers = []
     overlap_io = _overlap_io(cfg)
-    try:
-        for split_name in cfg.splits:
-            t_ingest = time.perf_counter()
-            ds, split = _ingest(st, cfg, split_name, datasets[split_name])
-            ingest_s += time.perf_counter() - t_ingest
-            summary["splits"][split_name] = {"n": split.n, "fingerprint": split.fingerprint}
-            if split_name not in cfg.map_splits:
-                continue
-            for name, prov, enc, channels, kw in _plan_maps(cfg, split_name, ds):
+    for split_name in cfg.splits:
+        t_ingest = time.perf_counter()
+        ds, split = _ingest(st, cfg, split_name, datasets[split_name])
+        ingest_s += time.perf_counter() - t_ingest
+        summary["splits"][split_name] = {"n": split.n, "fingerprint": split.fingerprint}
+        for name, prov, enc, channels, kw in plans.get(split_name, []):
+            existed = name in split.maps()
+            try:
                 w = split.create_map(
                     name, provenance=prov, encoding=enc, channels=channels,
-                    chunk_size=cfg.chunk_size, shard_chunks=_shard_chunks(cfg, split, name),
+                    chunk_size=cfg.chunk_size, shard_chunks=shard_chunks(cfg, split, name),
+                    overwrite=cfg.overwrite,
                 )
-                writers.append(w)
-                pending = set(w.pending_chunks())
-                # Name and provenance go back to the caller (compare), so it needs neither to
-                # reopen the store nor to hash the teachers again to tell the maps apart.
-                summary["maps"].append({"split": split_name, "name": name, "provenance": prov,
-                                        "teacher": kw.get("teacher"), "pending_chunks": len(pending)})
-                for s in range(w.n_shards):
-                    if pending.intersection(w.chunks_of_shard(s)):
-                        jobs.append(MapJob(
-                            store=cfg.store, split=split_name, name=name, data=cfg.data, shard=s,
-                            method_params=_method_params(cfg), target_rule=cfg.target_rule,
-                            quantile=cfg.quantile, heat_threshold=cfg.heat_threshold,
-                            batch_size=cfg.batch_size, device=cfg.device, seed=cfg.seed,
-                            threads=cfg.threads_per_worker, overlap_io=overlap_io, **kw,
-                        ))
-        written = 0
-        bar = tqdm(total=len(jobs), desc="precompute shards", disable=not cfg.show_progress, unit="shard")
-        if cfg.workers <= 1 and not cfg.scheduler:
-            written += run_map_jobs(
-                jobs, on_job_done=lambda: bar.update(1),
-                writers={(w.split.name, w.name): w for w in writers},
-            )
-        else:
-            from dask.distributed import as_completed
+            except (MismatchError, IncompleteMapError) as e:
+                raise cli_advice(e) from None
+            writers.append(w)
+            if not existed:
+                created_maps.add((split_name, name))
+            pending = set(w.pending_chunks())
+            # Name and provenance go back to the caller (compare), so it needs neither to
+            # reopen the store nor to hash the teachers again to tell the maps apart.
+            summary["maps"].append({"split": split_name, "name": name, "provenance": prov,
+                                    "teacher": kw.get("teacher"), "pending_chunks": len(pending)})
+            for s in range(w.n_shards):
+                if pending.intersection(w.chunks_of_shard(s)):
+                    jobs.append(MapJob(
+                        store=cfg.store, split=split_name, name=name, data=cfg.data, shard=s,
+                        method_params=method_params(cfg), target_rule=cfg.target_rule,
+                        quantile=cfg.quantile, heat_threshold=cfg.heat_threshold,
+                        batch_size=cfg.batch_size, device=cfg.device, seed=cfg.seed,
+                        threads=cfg.threads_per_worker, overlap_io=overlap_io, **kw,
+                    ))
+    written = 0
+    bar = tqdm(total=len(jobs), desc="precompute shards", disable=not cfg.show_progress, unit="shard")
+    if cfg.workers <= 1 and not cfg.scheduler:
+        written += run_map_jobs(
+            jobs, on_job_done=lambda: bar.update(1),
+            writers={(w.split.name, w.name): w for w in writers},
+        )
+    else:
+        from dask.distributed import as_completed
 
-            client, cluster, own_client = _client(cfg)
-            try:
-                futures = client.map(run_map_job_in_worker, jobs, pure=False)
-                for fut in as_completed(futures):
-                    written += fut.result()
-                    bar.update(1)
-            finally:
-                if own_client:
-                    client.close()
-                if cluster is not None:
-                    cluster.close()
-        bar.close()
-        for w in writers:
-            if not w.finalize():
-                raise SatError(f"map {w.name!r} still has missing chunks after precompute")
-    finally:
-        for w in writers:
-            w.close()
-    summary.update(
-        chunks_written=written, seconds=time.perf_counter() - t0, seconds_ingest=ingest_s,
-        config=config_dict(cfg),
-        git_sha=git_sha(),
-    )
-    if "://" not in cfg.store:
-        write_json(Path(cfg.store).with_suffix(".precompute.json"), summary)
+        client, cluster, own_client = _client(cfg)
+        try:
+            futures = client.map(run_map_job_in_worker, jobs, pure=False)
+            for fut in as_completed(futures):
+                written += fut.result()
+                bar.update(1)
+        finally:
+            if own_client:
+                client.close()
+            if cluster is not None:
+                cluster.close()
+    bar.close()
+    for w in writers:
+        if not w.finalize():
+            raise SatError(f"map {w.name!r} still has missing chunks after precompute")
+    summary.update(chunks_written=written, seconds_ingest=ingest_s)
     return summary
 
 

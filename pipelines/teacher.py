@@ -75,8 +75,9 @@ def run(cfg: TeacherConfig) -> dict[str, Any]:
     from trainer.perturb import PerturbConfig, create_mode
     from trainer.prune import make_permanent, prune_global, prune_schedule, sparsity
 
+    # No mkdir here: the loop creates the run directory once the data has loaded and a
+    # --resume is accepted, so a run refused on bad data leaves no empty --out behind.
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.loop.seed)  # model initialisation
     train_ds, images, labels = load_split_arrays(cfg.data, "train")
@@ -141,7 +142,7 @@ def _phase(model, mode, train, val, loop: LoopConfig, run_dir: Path, device, *, 
 
     Resuming a phase whose checkpoint already holds all its epochs loads that checkpoint
     into ``model`` instead of training."""
-    from trainer.checkpoint import load_checkpoint
+    from trainer.checkpoint import load_checkpoint, load_weights
     from trainer.loop import check_resumable
 
     last = run_dir / "checkpoints" / "last.safetensors"
@@ -150,7 +151,7 @@ def _phase(model, mode, train, val, loop: LoopConfig, run_dir: Path, device, *, 
         if ck.epoch >= loop.epochs:
             check_resumable(ck, last, arch=getattr(model, "arch", {}), run_config=run_config,
                             keys=RESUME_MATCH)
-            model.load_state_dict(ck.model_state)
+            load_weights(model, ck.model_state, last)
             return dict(ck.extra.get("metrics") or {}), False
     result = fit(model, mode, train, val, loop, run_dir, device, resume=resume,
                  run_config=run_config, resume_match=RESUME_MATCH, **fit_kw)

@@ -57,8 +57,10 @@ class TrainConfig:
             raise SatError(f"unknown training mode {self.mode!r}; choose one of: {', '.join(list_modes())}")
         if self.arch not in list_models():
             raise SatError(f"unknown architecture {self.arch!r}; choose one of: {', '.join(list_models())}")
-        if self.batch_size < 1 or self.width < 1 or self.workers < 0:
-            raise SatError("batch size and width must be >= 1 and workers >= 0")
+        for what, v, low in (("batch size", self.batch_size, 1), ("width", self.width, 1),
+                             ("workers", self.workers, 0)):
+            if v < low:
+                raise SatError(f"{what} must be >= {low}, got {v}")
         if self.sat_reach_fraction is not None and not 0 < self.sat_reach_fraction <= 1:
             raise SatError(f"sat reach fraction must be in (0, 1], got {self.sat_reach_fraction}")
 
@@ -126,7 +128,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     train = WorkerLoader(stream, cfg.workers, pin_memory=torch.device(device).type == "cuda")
     st = SaliencyStore.open(cfg.store, "r", storage_options=opts)
     val = None
-    if cfg.val_split and cfg.val_split in st.splits():
+    if cfg.val_split and cfg.val_split not in st.splits():
+        # Not skipped in silence: the run would pick best.safetensors on training accuracy.
+        raise SatError(
+            f"validation split {cfg.val_split!r} is not in store {cfg.store} (splits: "
+            f"{', '.join(st.splits())}); pass --val-split '' to train without validation"
+        )
+    if cfg.val_split:
         val_images = cfg.data.open(cfg.val_split) if cfg.data is not None else None
         val = StoreStream(
             cfg.store, cfg.val_split, (), batch_size=max(cfg.batch_size, 256), shuffle=False,

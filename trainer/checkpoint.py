@@ -89,13 +89,18 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> str:
         meta["sched"] = json.dumps(ckpt.sched_state)
     for name, state in ckpt.rng.items():
         tensors[f"rng.{name}"] = state.detach().cpu().contiguous()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise SatError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):  # a full disk names the file, not only "No space left"
+            raise SatError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
         raise
     return file_sha256(path)
 
@@ -121,6 +126,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             f"checkpoint {path} has format_version {version}, this tool reads {FORMAT_VERSION}"
         )
     model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    check_finite(model_state, path)
     optim_tensors = {k: v for k, v in tensors.items() if k.startswith("optim.")}
     rng = {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}
     optim_state = (
@@ -144,15 +150,52 @@ def load_model(path: str | Path, device: torch.device | str) -> tuple[torch.nn.M
 
     ckpt = load_checkpoint(path)
     arch = dict(ckpt.arch)
+    missing = [k for k in ("name", "num_classes") if k not in arch]
+    if missing:
+        raise SatError(f"checkpoint {path} records no model {' or '.join(missing)} (arch {arch})")
     name = arch.pop("name")
     num_classes = arch.pop("num_classes")
-    model = create_model(name, num_classes, **arch)
     try:
-        model.load_state_dict(fold_pruning(ckpt.model_state))
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise SatError(f"checkpoint {path} does not fit its recorded architecture: {first}") from None
+        model = create_model(name, num_classes, **arch)
+    except (SatError, TypeError) as e:  # an architecture this code cannot build
+        raise SatError(f"checkpoint {path} records an architecture that cannot be built: {e}") from None
+    load_weights(model, fold_pruning(ckpt.model_state), path)
     return model.to(device).eval(), ckpt
+
+
+def check_finite(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """:class:`SatError` naming ``path`` and the first tensor (in file order) holding a NaN or
+    an infinity: a diverged run's weights would otherwise train or attack as garbage, or give
+    NaN saliency that thresholds to an all-zero map."""
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise SatError(
+                f"checkpoint {path} has non-finite weights: tensor {name!r} holds {bad} NaN/inf "
+                f"of {t.numel()} values"
+            )
+
+
+def _listed(keys: list[str], limit: int = 4) -> str:
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """``model.load_state_dict(state)`` (strict), with a mismatch reported as one
+    :class:`SatError` line naming ``path`` and the missing, unexpected and misshapen tensors
+    (a few of each, then how many more), instead of torch's multi-line message."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    parts = [f"{what}: {_listed(keys)}" for what, keys in (
+        ("missing", missing), ("unexpected", unexpected), ("shape (file vs model)", shapes)) if keys]
+    if parts:
+        arch = getattr(model, "arch", {}).get("name", type(model).__name__)
+        raise SatError(f"checkpoint {path} does not fit architecture {arch}: {'; '.join(parts)}")
+    model.load_state_dict(state)
 
 
 def fold_pruning(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

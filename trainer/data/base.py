@@ -137,6 +137,13 @@ class ImageDataset(abc.ABC):
             out[k] = self._get(i).image
         return out
 
+    def check_files(self) -> None:
+        """Raise :class:`SatError` naming the first source file that is missing or not a
+        readable image (reads headers only). A no-op for sources held in arrays. Precompute
+        calls it before it creates anything, so a zero-byte image cannot leave a half-made
+        store behind."""
+        return None
+
     def annotated(self, source: str) -> np.ndarray:
         """bool (N,): which samples carry a ``"box"`` or a ``"mask"``. Cheap (no decoding)."""
         _check_source(source)

@@ -203,6 +203,10 @@ class _FileDataset(ImageDataset):
             out[k] = self._image(i)  # decodes the image only, not its mask
         return out
 
+    def check_files(self) -> None:
+        for path in self._files:
+            _image_size(path)  # header only: names a missing, empty or non-image file
+
     def _hash_sources(self, h: _Hasher) -> None:
         for path in self._files:
             h.file(path)

@@ -26,8 +26,10 @@ class ImageFolderDataset(_FileDataset):
 
     ``split`` selects the folder ``root/<split>``; ``val`` falls back to ``root/test`` when
     there is no ``root/val``; ``split="all"`` reads class folders directly under ``root``.
-    Labels are the index of the class folder in sorted order; files are taken in sorted
-    order within a class. ids are paths relative to ``root`` (``train/cat/0001.jpg``).
+    Labels are the index of the class in the sorted union of the class folder names of
+    every split folder under ``root`` (so a class missing from one split does not shift the
+    labels of the others); a class folder without images is an error. Files are taken in
+    sorted order within a class. ids are paths relative to ``root`` (``train/cat/0001.jpg``).
 
     Options: ``image_size`` (int) resizes every image to a square of that side (bilinear,
     antialiased); by default images keep their size, which must then be the same for all.
@@ -51,14 +53,18 @@ class ImageFolderDataset(_FileDataset):
             self.name, "max_per_class", max_per_class, allow_none=True
         )
         folder = self._split_folder()
-        classes = sorted(
-            d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")
-        )
-        if not classes:
-            raise SatError(f"dataset {self.name!r}: no class folders in {folder}")
+        classes = self._class_list(folder)
         files, labels = [], []
         for c, cname in enumerate(classes):
-            for f in _list_images(folder / cname):
+            if not (folder / cname).is_dir():
+                continue  # a class of another split only: no samples here, same numbering
+            names = _list_images(folder / cname)
+            if not names:
+                raise SatError(
+                    f"dataset {self.name!r}: class folder {folder / cname} holds no images; "
+                    "add images or remove the folder (the class list is shared by all splits)"
+                )
+            for f in names:
                 files.append(folder / cname / f)
                 labels.append(c)
         if not files:
@@ -77,6 +83,24 @@ class ImageFolderDataset(_FileDataset):
             self._size, self._native = (self._image_size, self._image_size), None
             self.image_shape = (3, self._image_size, self._image_size)
         self._folder = folder
+
+    def _class_list(self, folder: Path) -> list[str]:
+        """The sorted union of the class folder names of every split folder under ``root``
+        (or of ``root`` itself for split ``all``): one numbering for all splits, so label 1
+        names the same class in train and val even when a split lacks a class."""
+        def class_dirs(d: Path) -> set[str]:
+            return {c.name for c in d.iterdir() if c.is_dir() and not c.name.startswith(".")}
+
+        if folder == self.root:
+            classes = class_dirs(folder)
+        else:
+            classes = set().union(*(
+                class_dirs(d) for d in self.root.iterdir()
+                if d.is_dir() and not d.name.startswith(".")
+            ))
+        if not class_dirs(folder):
+            raise SatError(f"dataset {self.name!r}: no class folders in {folder}")
+        return sorted(classes)
 
     def _split_folder(self) -> Path:
         if self.split == "all":

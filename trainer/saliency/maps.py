@@ -76,6 +76,25 @@ def ieee_fp32(device: torch.device) -> Iterator[None]:
         conv.fp32_precision, matmul.fp32_precision = before
 
 
+class NonFiniteSaliencyError(SatError):
+    """A teacher gave NaN or infinite logits or attributions; ``index`` is the first bad
+    sample of the batch and ``what`` names the quantity. Thresholding would turn them into
+    an all-zero (or all -1) map that looks valid, so :func:`compute_maps` refuses them."""
+
+    def __init__(self, index: int, what: str) -> None:
+        super().__init__(f"non-finite {what} for sample {index} of the batch")
+        self.index, self.what = index, what
+
+    def __reduce__(self):  # picklable across dask workers
+        return (type(self), (self.index, self.what))
+
+
+def _require_finite(t: torch.Tensor, what: str) -> None:
+    finite = torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
+    if not bool(finite.all()):
+        raise NonFiniteSaliencyError(int((~finite).nonzero()[0, 0]), what)
+
+
 def compute_maps(
     method: SaliencyMethod,
     model: nn.Module,
@@ -95,7 +114,8 @@ def compute_maps(
     threshold in ``method.params``.
 
     Returns (int8 array (B, C, H, W) in {-1, 0, +1} with "ternary", or int8 (B, 1, H, W) in
-    {-1, +1} with "binary").
+    {-1, +1} with "binary"). Raises :class:`NonFiniteSaliencyError` on NaN or inf logits
+    (``"argmax"``) or attributions.
     """
     if target_rule not in TARGET_RULES:
         raise SatError(
@@ -105,10 +125,13 @@ def compute_maps(
     with ieee_fp32(x.device):
         if target_rule == "argmax":
             with torch.no_grad(), _eval_mode(model):
-                target = model(x).argmax(dim=1)
+                logits = model(x)
+            _require_finite(logits, "logits")
+            target = logits.argmax(dim=1)
         else:
             target = labels
         attr = method.attribute(model, x, target)
+    _require_finite(attr, "attributions")
     if method.kind == "gradient":
         maps = to_ternary(attr, quantile)
     elif method.kind == "heatmap":
