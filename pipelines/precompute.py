@@ -23,10 +23,13 @@ import numpy as np
 
 from pipelines.common import DataSpec, config_dict, git_sha, tune_allocator, write_json
 from saliency_cache.errors import SatError
-from saliency_cache.store import SaliencyStore, map_name_from_provenance, sanitize_map_name
-
-WEAK_SOURCES = ("box", "mask")
-TARGET_RULES = ("label", "argmax")
+from saliency_cache.store import (
+    TARGET_RULES,
+    SaliencyStore,
+    map_name_from_provenance,
+    sanitize_map_name,
+)
+from trainer.data.weak import WEAK_SOURCES
 
 
 @dataclass(frozen=True)

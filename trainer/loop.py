@@ -25,6 +25,9 @@ from trainer.augment import random_crop_flip
 from trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from trainer.modules import module_mode, unwrap
 
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("none", "cosine", "step")
+
 
 @dataclass(frozen=True)
 class LoopConfig:
@@ -46,10 +49,14 @@ class LoopConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise SatError(f"epochs must be >= 1, got {self.epochs}")
-        if self.optimizer not in ("adam", "sgd"):
-            raise SatError(f"unknown optimizer {self.optimizer!r}; choose adam or sgd")
-        if self.schedule not in ("none", "cosine", "step"):
-            raise SatError(f"unknown schedule {self.schedule!r}; choose none, cosine or step")
+        if self.optimizer not in OPTIMIZERS:
+            raise SatError(
+                f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}"
+            )
+        if self.schedule not in SCHEDULES:
+            raise SatError(
+                f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}"
+            )
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise SatError(f"lr must be a positive number, got {self.lr}")
         if self.crop_padding < 0:

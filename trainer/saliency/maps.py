@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from saliency_cache.errors import SatError
+from saliency_cache.store import TARGET_RULES
 from trainer.modules import module_mode
 from trainer.saliency.methods import (
-    TARGET_RULES,
     SaliencyMethod,
     _above_fraction_of_max,
     _check_fraction,

@@ -47,7 +47,6 @@ from trainer.registry import Registry
 SALIENCY: Registry = Registry("saliency method")
 
 KINDS = ("gradient", "heatmap", "box")
-TARGET_RULES = ("label", "argmax")
 
 
 # ---- helpers -------------------------------------------------------------------------------
