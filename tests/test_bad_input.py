@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipelines.cli import main
-from tests.fixtures import make_oxford17, make_tiny_imagenet
+from tests.dataset_files import make_oxford17, make_tiny_imagenet
 
 SYN = ["--dataset", "synthetic", "--n", "64", "--n-val", "32", "--image-size", "16",
        "--num-classes", "4"]

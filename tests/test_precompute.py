@@ -31,7 +31,7 @@ from pipelines.teacher import TeacherConfig
 from pipelines.teacher import run as train_teacher
 from saliency_cache.errors import IncompleteMapError, MismatchError, SatError
 from saliency_cache.store import LOCK_NAME, MapWriter, SaliencyStore
-from tests.fixtures import make_oxford17, make_tiny_imagenet
+from tests.dataset_files import make_oxford17, make_tiny_imagenet
 from trainer.checkpoint import file_sha256, load_model
 from trainer.data.weak import box_to_map, mask_to_map
 from trainer.loop import LoopConfig
