@@ -4,11 +4,11 @@ User errors (:class:`saliency_cache.errors.SatError`) become a one-line message 
 exit code 2; click's own usage errors also exit 2. ``--config FILE`` (YAML) supplies defaults
 for any command's options; flags given on the command line override it.
 
-Names and defaults are the library's: a choice lists a tuple the library validates against
-(``TARGET_RULES``, ``TEACHER_MODES``, ...), and an option's default is read from its stage's
-config dataclass by :class:`_Default` (choices by :class:`_Choice`), so each value is written once. Values from
-modules that import torch are read when click needs them (parsing that command, or its
-``--help``), so ``sat --help`` and ``sat cache ...`` start without loading torch.
+Names and defaults are the library's, so each is written once: a choice lists a tuple the
+library validates against (``TARGET_RULES``, ``TEACHER_MODES``, ...; :class:`_Choice`), and
+an option's default is its stage config's dataclass default (:class:`_Default`). Both are
+read when click needs them (parsing that command, or its ``--help``), so ``sat --help`` and
+``sat cache ...`` start without loading torch or zarr.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import click
 from pipelines.common import tune_allocator
 from saliency_cache.cli import ErrorReportingGroup, cache, parse_storage_options
 from saliency_cache.errors import SatError
-from saliency_cache.store import TARGET_RULES, TEACHER_MODES
 from trainer.data import list_datasets
 from trainer.data.weak import WEAK_SOURCES
 
@@ -91,8 +90,8 @@ class _Default:
         if isinstance(value, tuple):
             return ",".join(str(v) for v in value)
         if self.per != 1.0:
-            # 8/255 * 255 is 8.000000000000002 in floats; rounded, the option divides back to
-            # the config's own 8/255.
+            # Rounded: (x / 255) * 255 need not give back x exactly in floats (x = 63.9 does
+            # not), and the command divides by 255 again.
             return round(value * self.per, 9)
         return value
 
@@ -299,7 +298,7 @@ def _echo_result(result: dict[str, Any], as_json: bool, human: str) -> None:
               help="Model architecture.")
 @click.option("--width", type=int, default=_Default(_TEACHER + "width"), show_default=True,
               help="Width of the first stage.")
-@click.option("--mode", "teacher_mode", type=click.Choice(TEACHER_MODES),
+@click.option("--mode", "teacher_mode", type=_Choice("saliency_cache.store:TEACHER_MODES"),
               default=_Default(_TEACHER + "mode"), show_default=True)
 @click.option("--sparsity", type=float, default=_Default(_TEACHER + "sparsity"), show_default=True)
 @click.option("--prune-steps", type=int, default=_Default(_TEACHER + "prune_steps"), show_default=True)
@@ -346,7 +345,7 @@ def teacher(**kw: Any) -> None:
               show_default=True, help="Comma-separated saliency methods run on every teacher.")
 @click.option("--weak", type=str, default=_Default(_PRECOMPUTE + "weak"),
               help=f"Weak saliency from annotations: {', '.join(WEAK_SOURCES)} (comma-separated).")
-@click.option("--target", "target_rule", type=click.Choice(TARGET_RULES),
+@click.option("--target", "target_rule", type=_Choice("saliency_cache.store:TARGET_RULES"),
               default=_Default(_PRECOMPUTE + "target_rule"), show_default=True,
               help="Saliency target: ground-truth label (paper) or teacher argmax (authors' code).")
 @click.option("--quantile", type=float, default=_Default(_PRECOMPUTE + "quantile"), show_default=True,

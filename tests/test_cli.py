@@ -79,11 +79,12 @@ def test_choices_are_the_library_vocabularies(args, expected):
     assert res.exit_code == 2 and expected in res.output, res.output
 
 
-def test_the_command_starts_without_torch():
+def test_the_command_starts_without_torch_or_zarr():
     code = (
         "import sys; from click.testing import CliRunner; from pipelines.cli import main; "
         "r = CliRunner().invoke(main, ['cache', '--help']); assert r.exit_code == 0, r.output; "
-        "assert 'torch' not in sys.modules, 'torch imported'"
+        "assert 'torch' not in sys.modules, 'torch imported'; "
+        "assert 'zarr' not in sys.modules, 'zarr imported'"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
