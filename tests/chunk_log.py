@@ -68,6 +68,8 @@ def sat_command(log: str | Path | None) -> list[str]:
 def in_dask_workers(log: str | Path) -> Iterator[None]:
     """Within the block, dask workers that a precompute starts log their chunks to ``log``."""
     import dask
+    import distributed  # noqa: F401  (registers its config defaults before they are changed:
+    # otherwise leaving dask.config.set would drop the whole "distributed" section)
 
     before = os.environ.get(ENV)
     os.environ[ENV] = str(log)  # inherited by the worker processes
