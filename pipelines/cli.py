@@ -3,10 +3,17 @@
 User errors (:class:`saliency_cache.errors.SatError`) become a one-line message on stderr and
 exit code 2; click's own usage errors also exit 2. ``--config FILE`` (YAML) supplies defaults
 for any command's options; flags given on the command line override it.
+
+Names and defaults are the library's, so each is written once: a choice lists a tuple the
+library validates against (``TARGET_RULES``, ``TEACHER_MODES``, ...; :class:`_Choice`), and
+an option's default is its stage config's dataclass default (:class:`_Default`). Both are
+read when click needs them (parsing that command, or its ``--help``), so ``sat --help`` and
+``sat cache ...`` start without loading torch or zarr.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -19,6 +26,8 @@ import click
 from pipelines.common import tune_allocator
 from saliency_cache.cli import ErrorReportingGroup, cache, parse_storage_options
 from saliency_cache.errors import IncompleteMapError, SatError
+from trainer.data import list_datasets
+from trainer.data.weak import WEAK_SOURCES
 
 
 @click.group(cls=ErrorReportingGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -52,6 +61,63 @@ def _quiet_progress_in_logs() -> None:
     first imported, which the commands do lazily; a value the user set is kept."""
     if not sys.stderr.isatty():
         os.environ.setdefault("TQDM_MININTERVAL", "30")
+
+
+# ---- values read from the library ---------------------------------------------------------
+def _library_value(ref: str) -> Any:
+    """The object ``"package.module:Name.attr"`` names, e.g. a dataclass field's default
+    ``"trainer.loop:LoopConfig.epochs"`` (a dataclass keeps plain defaults as class attributes)."""
+    module, _, path = ref.partition(":")
+    value: Any = importlib.import_module(module)
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
+class _Default:
+    """A click default read from the library when click needs it (see the module docstring).
+
+    ``per`` scales the value to the option's unit (budgets are [0, 1] pixel units in the
+    configs and /255 units on the command line); a tuple becomes the comma-separated string
+    the option takes. click calls the object for the default and prints ``str()`` of it in
+    ``--help``.
+    """
+
+    def __init__(self, ref: str, per: float = 1.0) -> None:
+        self.ref, self.per = ref, per
+
+    def __call__(self) -> Any:
+        value = _library_value(self.ref)
+        if isinstance(value, tuple):
+            return ",".join(str(v) for v in value)
+        if self.per != 1.0:
+            # Rounded: (x / 255) * 255 need not give back x exactly in floats (x = 63.9 does
+            # not), and the command divides by 255 again.
+            return round(value * self.per, 9)
+        return value
+
+    def __str__(self) -> str:
+        return str(self())
+
+
+class _Choice(click.Choice):
+    """A ``click.Choice`` over a tuple the library defines, imported when click first needs it."""
+
+    def __init__(self, ref: str) -> None:  # no super().__init__: ``choices`` is the property
+        self.ref, self.case_sensitive = ref, True
+
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(_library_value(self.ref))
+
+
+_LOOP = "trainer.loop:LoopConfig."
+_TEACHER = "pipelines.teacher:TeacherConfig."
+_PRECOMPUTE = "pipelines.precompute:PrecomputeConfig."
+_TRAIN = "pipelines.train:TrainConfig."
+_PERTURB = "trainer.perturb:PerturbConfig."
+_EVAL = "pipelines.evaluate:EvalConfig."
+_COMPARE = "pipelines.compare:CompareConfig."
 
 
 # ---- shared option groups ------------------------------------------------------------------
@@ -108,7 +174,7 @@ def data_options(required: bool = True) -> Callable:
     def deco(f: Callable) -> Callable:
         opts = [
             click.option("--dataset", required=required, default=None,
-                         help="Dataset: synthetic, cifar10, cifar100, imagefolder, tiny-imagenet, oxford17."),
+                         help=f"Dataset: {', '.join(list_datasets())}."),
             click.option("--data-root", type=click.Path(), default=None, help="Dataset folder."),
             click.option("--image-size", type=int, default=None, help="Resize images to this size."),
             click.option("--max-per-class", type=int, default=None, help="Take the first K images per class."),
@@ -155,27 +221,37 @@ def build_data_spec(kw: dict[str, Any]):
     return DataSpec(name=name, root=root, options=opts)
 
 
-def loop_options(f: Callable) -> Callable:
-    opts = [
-        click.option("--epochs", type=int, default=10, show_default=True),
-        click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True),
-        click.option("--lr", type=float, default=1e-3, show_default=True),
-        click.option("--momentum", type=float, default=0.9, show_default=True),
-        click.option("--weight-decay", type=float, default=0.0, show_default=True),
-        click.option("--schedule", type=click.Choice(["none", "cosine", "step"]), default="none", show_default=True),
-        click.option("--crop-padding", type=int, default=4, show_default=True),
-        click.option("--no-flip", is_flag=True, help="Disable horizontal flips."),
-        click.option("--no-amp", is_flag=True, help="Disable mixed precision on CUDA."),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--robust-val-samples", type=int, default=256, show_default=True,
-                     help="Validation samples attacked (PGD-3, 2/255) each epoch."),
-        click.option("--batch-size", type=int, default=128, show_default=True),
-        click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto."),
-        click.option("--quiet", is_flag=True, help="No progress bars."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
+def loop_options(stage: str) -> Callable:
+    """Options of :class:`trainer.loop.LoopConfig`, and ``--batch-size`` from ``stage``
+    (the prefix of the stage config's fields, e.g. ``_TRAIN``)."""
+
+    def deco(f: Callable) -> Callable:
+        opts = [
+            click.option("--epochs", type=int, default=_Default(_LOOP + "epochs"), show_default=True),
+            click.option("--optimizer", type=_Choice("trainer.loop:OPTIMIZERS"),
+                         default=_Default(_LOOP + "optimizer"), show_default=True),
+            click.option("--lr", type=float, default=_Default(_LOOP + "lr"), show_default=True),
+            click.option("--momentum", type=float, default=_Default(_LOOP + "momentum"), show_default=True),
+            click.option("--weight-decay", type=float, default=_Default(_LOOP + "weight_decay"),
+                         show_default=True),
+            click.option("--schedule", type=_Choice("trainer.loop:SCHEDULES"),
+                         default=_Default(_LOOP + "schedule"), show_default=True),
+            click.option("--crop-padding", type=int, default=_Default(_LOOP + "crop_padding"),
+                         show_default=True),
+            click.option("--no-flip", is_flag=True, help="Disable horizontal flips."),
+            click.option("--no-amp", is_flag=True, help="Disable mixed precision on CUDA."),
+            click.option("--seed", type=int, default=_Default(_LOOP + "seed"), show_default=True),
+            click.option("--robust-val-samples", type=int, default=_Default(_LOOP + "robust_val_samples"),
+                         show_default=True, help="Validation samples attacked (PGD-3, 2/255) each epoch."),
+            click.option("--batch-size", type=int, default=_Default(stage + "batch_size"), show_default=True),
+            click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto."),
+            click.option("--quiet", is_flag=True, help="No progress bars."),
+        ]
+        for o in reversed(opts):
+            f = o(f)
+        return f
+
+    return deco
 
 
 def build_loop(kw: dict[str, Any]):
@@ -234,15 +310,19 @@ def _echo_result(result: dict[str, Any], as_json: bool, human: str) -> None:
 @main.command()
 @config_option
 @data_options()
-@loop_options
-@click.option("--arch", default="resnet10", show_default=True, help="Model architecture.")
-@click.option("--width", type=int, default=64, show_default=True, help="Width of the first stage.")
-@click.option("--mode", "teacher_mode", type=click.Choice(["standard", "adversarial", "sparse"]),
-              default="standard", show_default=True)
-@click.option("--sparsity", type=float, default=0.95, show_default=True)
-@click.option("--prune-steps", type=int, default=3, show_default=True)
-@click.option("--finetune-epochs", type=int, default=1, show_default=True)
-@click.option("--val-split", default="val", show_default=True, help="'' to skip validation.")
+@loop_options(_TEACHER)
+@click.option("--arch", type=str, default=_Default(_TEACHER + "arch"), show_default=True,
+              help="Model architecture.")
+@click.option("--width", type=int, default=_Default(_TEACHER + "width"), show_default=True,
+              help="Width of the first stage.")
+@click.option("--mode", "teacher_mode", type=_Choice("saliency_cache.store:TEACHER_MODES"),
+              default=_Default(_TEACHER + "mode"), show_default=True)
+@click.option("--sparsity", type=float, default=_Default(_TEACHER + "sparsity"), show_default=True)
+@click.option("--prune-steps", type=int, default=_Default(_TEACHER + "prune_steps"), show_default=True)
+@click.option("--finetune-epochs", type=int, default=_Default(_TEACHER + "finetune_epochs"),
+              show_default=True)
+@click.option("--val-split", type=str, default=_Default(_TEACHER + "val_split"), show_default=True,
+              help="'' to skip validation.")
 @click.option("--out", required=True, type=click.Path(), help="Output directory.")
 @click.option("--resume", is_flag=True,
               help="Continue a killed run in --out (each phase from its last checkpoint).")
@@ -273,30 +353,37 @@ def teacher(**kw: Any) -> None:
 @config_option
 @data_options()
 @click.option("--store", required=True, help="Store path or URL (created if missing).")
-@click.option("--splits", default="train,val", show_default=True, help="Splits to ingest.")
-@click.option("--map-splits", default="train", show_default=True, help="Splits that get maps.")
+@click.option("--splits", type=str, default=_Default(_PRECOMPUTE + "splits"), show_default=True,
+              help="Splits to ingest.")
+@click.option("--map-splits", type=str, default=_Default(_PRECOMPUTE + "map_splits"),
+              show_default=True, help="Splits that get maps.")
 @click.option("--teacher", "teachers", multiple=True, type=click.Path(),
               help="Teacher checkpoint, timm:<model>@<weights.safetensors>, torchvision:<model>@<...> "
                    "or a .json/.yaml teacher file (repeatable).")
 @click.option("--cam-layer", default=None,
               help="Module Grad-CAM explains in timm/torchvision teachers (default: per family).")
-@click.option("--method", "methods", default="gbp", show_default=True,
-              help="Comma-separated saliency methods run on every teacher.")
-@click.option("--weak", default="", help="Weak saliency from annotations: box, mask (comma-separated).")
-@click.option("--target", "target_rule", type=click.Choice(["label", "argmax"]), default="label", show_default=True,
+@click.option("--method", "methods", type=str, default=_Default(_PRECOMPUTE + "methods"),
+              show_default=True, help="Comma-separated saliency methods run on every teacher.")
+@click.option("--weak", type=str, default=_Default(_PRECOMPUTE + "weak"),
+              help=f"Weak saliency from annotations: {', '.join(WEAK_SOURCES)} (comma-separated).")
+@click.option("--target", "target_rule", type=_Choice("saliency_cache.store:TARGET_RULES"),
+              default=_Default(_PRECOMPUTE + "target_rule"), show_default=True,
               help="Saliency target: ground-truth label (paper) or teacher argmax (authors' code).")
-@click.option("--quantile", type=float, default=0.0, show_default=True,
+@click.option("--quantile", type=float, default=_Default(_PRECOMPUTE + "quantile"), show_default=True,
               help="Zero attributions below this per-image |quantile|.")
-@click.option("--heat-threshold", type=float, default=0.5, show_default=True)
+@click.option("--heat-threshold", type=float, default=_Default(_PRECOMPUTE + "heat_threshold"),
+              show_default=True)
 @click.option("--no-images", is_flag=True, help="Do not store images (training then needs --dataset).")
-@click.option("--chunk-size", type=int, default=256, show_default=True)
+@click.option("--chunk-size", type=int, default=_Default(_PRECOMPUTE + "chunk_size"), show_default=True)
 @click.option("--shard-chunks", type=int, default=None, help="Chunks per shard file.")
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--workers", type=int, default=1, show_default=True, help="Local dask workers.")
+@click.option("--batch-size", type=int, default=_Default(_PRECOMPUTE + "batch_size"), show_default=True)
+@click.option("--workers", type=int, default=_Default(_PRECOMPUTE + "workers"), show_default=True,
+              help="Local dask workers.")
 @click.option("--scheduler", default=None, help="Address of an existing dask scheduler.")
-@click.option("--threads-per-worker", type=int, default=1, show_default=True)
+@click.option("--threads-per-worker", type=int, default=_Default(_PRECOMPUTE + "threads_per_worker"),
+              show_default=True)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto (maps are byte-identical only on the same device type).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=_Default(_PRECOMPUTE + "seed"), show_default=True)
 @click.option("--quiet", is_flag=True)
 @click.option("--overwrite", is_flag=True,
               help="Replace maps of the same name that were computed with other settings.")
@@ -326,34 +413,46 @@ def precompute(**kw: Any) -> None:
 @main.command()
 @config_option
 @data_options(required=False)
-@loop_options
+@loop_options(_TRAIN)
 @click.option("--store", required=True, help="Store path or URL.")
 @click.option("--map", "maps", multiple=True, help="Cached map to stream (repeatable; several for multi-sat).")
-@click.option("--mode", default="sat", show_default=True, help="Training mode (see `sat list modes`).")
-@click.option("--split", default="train", show_default=True)
-@click.option("--val-split", default="val", show_default=True, help="'' to skip validation.")
-@click.option("--arch", default="resnet10", show_default=True)
-@click.option("--width", type=int, default=64, show_default=True)
-@click.option("--eps", type=float, default=8.0, show_default=True, help="Training budget of PGD/TRADES/FGSM-RS (/255).")
-@click.option("--sat-eps", type=float, default=8.0, show_default=True, help="SAT ε0 (/255).")
-@click.option("--sat-alpha", type=float, default=0.6 ** 0.1, show_default=True, help="SAT α (random-direction decay).")
+@click.option("--mode", type=str, default=_Default(_TRAIN + "mode"), show_default=True,
+              help="Training mode (see `sat list modes`).")
+@click.option("--split", type=str, default=_Default(_TRAIN + "split"), show_default=True)
+@click.option("--val-split", type=str, default=_Default(_TRAIN + "val_split"), show_default=True,
+              help="'' to skip validation.")
+@click.option("--arch", type=str, default=_Default(_TRAIN + "arch"), show_default=True)
+@click.option("--width", type=int, default=_Default(_TRAIN + "width"), show_default=True)
+@click.option("--eps", type=float, default=_Default(_PERTURB + "eps", per=255), show_default=True,
+              help="Training budget of PGD/TRADES/FGSM-RS (/255).")
+@click.option("--sat-eps", type=float, default=_Default(_PERTURB + "sat_eps", per=255),
+              show_default=True, help="SAT ε0 (/255).")
+@click.option("--sat-alpha", type=float, default=_Default(_PERTURB + "sat_alpha"), show_default=True,
+              help="SAT α (random-direction decay).")
 @click.option("--sat-reach", type=float, default=None,
               help="Express the SAT schedule against run length: α^t reaches 0.6 at this fraction of training.")
-@click.option("--mix-p", type=float, default=0.5, show_default=True, help="P(SAT branch) for pgd-sat / trades-sat.")
-@click.option("--trades-beta", type=float, default=6.0, show_default=True)
-@click.option("--pgd-steps", type=int, default=5, show_default=True)
-@click.option("--pgd-step-size", type=float, default=2.0, show_default=True, help="PGD/TRADES step (/255).")
-@click.option("--trades-steps", type=int, default=5, show_default=True)
-@click.option("--uniform-eps", type=float, default=8.0, show_default=True, help="Uniform-noise budget (/255).")
-@click.option("--fgsm-alpha", type=float, default=10.0, show_default=True, help="FGSM-RS step (/255).")
-@click.option("--gradnorm-lambda", type=float, default=1.0, show_default=True,
-              help="gradnorm: weight of mean ||grad_x CE||^2 (x in [0, 1] pixels).")
-@click.option("--sgt-fraction", type=float, default=0.5, show_default=True,
+@click.option("--mix-p", type=float, default=_Default(_PERTURB + "mix_p"), show_default=True,
+              help="P(SAT branch) for pgd-sat / trades-sat.")
+@click.option("--trades-beta", type=float, default=_Default(_PERTURB + "trades_beta"), show_default=True)
+@click.option("--pgd-steps", type=int, default=_Default(_PERTURB + "pgd_steps"), show_default=True)
+@click.option("--pgd-step-size", type=float, default=_Default(_PERTURB + "pgd_step_size", per=255),
+              show_default=True, help="PGD/TRADES step (/255).")
+@click.option("--trades-steps", type=int, default=_Default(_PERTURB + "trades_steps"), show_default=True)
+@click.option("--uniform-eps", type=float, default=_Default(_PERTURB + "uniform_eps", per=255),
+              show_default=True, help="Uniform-noise budget (/255).")
+@click.option("--fgsm-alpha", type=float, default=_Default(_PERTURB + "fgsm_rs_alpha", per=255),
+              show_default=True, help="FGSM-RS step (/255).")
+@click.option("--gradnorm-lambda", type=float, default=_Default(_PERTURB + "gradnorm_lambda"),
+              show_default=True, help="gradnorm: weight of mean ||grad_x CE||^2 (x in [0, 1] pixels).")
+@click.option("--sgt-fraction", type=float, default=_Default(_PERTURB + "sgt_fraction"),
+              show_default=True,
               help="sgt: fraction of input features masked (smallest |gradient|), in (0, 1).")
-@click.option("--sgt-fill", default="uniform", show_default=True,
+@click.option("--sgt-fill", type=str, default=_Default(_PERTURB + "sgt_fill"), show_default=True,
               help="sgt: masked values, 'uniform' (image's range) or 'channel-mean'.")
-@click.option("--sgt-lambda", type=float, default=1.0, show_default=True, help="sgt: weight of the KL term.")
-@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
+@click.option("--sgt-lambda", type=float, default=_Default(_PERTURB + "sgt_lambda"),
+              show_default=True, help="sgt: weight of the KL term.")
+@click.option("--workers", type=int, default=_Default(_TRAIN + "workers"), show_default=True,
+              help="DataLoader worker processes.")
 @click.option("--out", required=True, type=click.Path(), help="Run directory.")
 @click.option("--resume", is_flag=True, help="Continue from <out>/checkpoints/last.safetensors.")
 @click.option("--allow-partial", is_flag=True, help="Train on maps whose precompute is unfinished.")
@@ -401,14 +500,16 @@ def train(**kw: Any) -> None:
 @data_options(required=False)
 @click.option("--checkpoint", required=True, type=click.Path(), help="Checkpoint to attack.")
 @click.option("--store", default=None, help="Evaluate on this store's split (or give --dataset).")
-@click.option("--split", default="val", show_default=True)
-@click.option("--attacks", default=",".join(("pgd5", "pgd20", "pgd40", "uniform", "trades", "saliency")),
-              show_default=True, help="Comma-separated attacks (see `sat list attacks`).")
-@click.option("--eps", default="1,2,3,4", show_default=True, help="Budgets in /255 units.")
-@click.option("--uniform-eps", default="8,16,32", show_default=True, help="Uniform-noise budgets (/255).")
+@click.option("--split", type=str, default=_Default(_EVAL + "split"), show_default=True)
+@click.option("--attacks", type=str, default=_Default(_EVAL + "attacks"), show_default=True,
+              help="Comma-separated attacks (see `sat list attacks`).")
+@click.option("--eps", type=str, default=_Default(_EVAL + "eps"), show_default=True,
+              help="Budgets in /255 units.")
+@click.option("--uniform-eps", type=str, default=_Default(_EVAL + "uniform_eps"), show_default=True,
+              help="Uniform-noise budgets (/255).")
 @click.option("--map", default=None, help="Cached map for the saliency-map attack.")
 @click.option("--max-samples", type=int, default=None)
-@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--batch-size", type=int, default=_Default(_EVAL + "batch_size"), show_default=True)
 @click.option("--no-alignment", is_flag=True)
 @click.option("--no-boundary", is_flag=True, help="Skip the FAB boundary distance (slow on CPU).")
 @click.option("--boundary-samples", type=int, default=100, show_default=True,
@@ -419,7 +520,7 @@ def train(**kw: Any) -> None:
 @click.option("--arch", "expect_arch", default=None, help="Refuse a checkpoint of another architecture.")
 @click.option("--out", default=None, type=click.Path(), help="Output directory (default <run>/eval).")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=_Default(_EVAL + "seed"), show_default=True)
 @click.option("--quiet", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 def eval_cmd(**kw: Any) -> None:
@@ -448,7 +549,8 @@ def eval_cmd(**kw: Any) -> None:
 @main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="Directory for tables and plots.")
-@click.option("--title", default="Robustness of SAT and baselines", show_default=True)
+@click.option("--title", type=str, default=_Default("pipelines.report:ReportConfig.title"),
+              show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def report(runs: tuple[str, ...], out: str, title: str, as_json: bool) -> None:
     """Aggregate evaluated runs into the paper's tables (markdown, CSV) and plots (PNG)."""
@@ -461,7 +563,8 @@ def report(runs: tuple[str, ...], out: str, title: str, as_json: bool) -> None:
 @main.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path())
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--workers", type=int, default=2, show_default=True, help="Dask workers for precompute.")
+@click.option("--workers", type=int, default=_Default(_COMPARE + "workers"), show_default=True,
+              help="Dask workers for precompute.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo(out: str, device: str, workers: int, quiet: bool) -> None:
     """The whole pipeline on synthetic shapes: the ``demo`` preset (teachers, precompute,

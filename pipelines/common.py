@@ -118,7 +118,11 @@ def config_dict(cfg: Any) -> dict[str, Any]:
 
 
 def load_yaml_defaults(path: str | Path | None) -> dict[str, Any]:
-    """Read an optional YAML/JSON config file whose keys are CLI option names (dashes or underscores)."""
+    """Read an optional YAML/JSON config file whose keys are CLI option names (dashes or underscores).
+
+    A key given twice (in any mapping of the file, or as ``chunk-size`` and ``chunk_size``)
+    is refused: YAML itself would keep the last value in silence.
+    """
     if not path:
         return {}
     p = Path(path)
@@ -127,12 +131,41 @@ def load_yaml_defaults(path: str | Path | None) -> dict[str, Any]:
     import yaml
 
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.load(p.read_text(), Loader=_loader_refusing_repeats(p)) or {}
     except yaml.YAMLError as e:
         raise SatError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise SatError(f"config file {p} must hold a mapping of option: value")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = str(k).replace("-", "_")
+        if key in out:
+            raise SatError(f"config file {p} repeats key {key!r}")
+        out[key] = v
+    return out
+
+
+def _loader_refusing_repeats(path: Path):
+    """A ``yaml.SafeLoader`` class whose mappings raise :class:`SatError` on a repeated key."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base" merges, by design
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    repeated = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key; SafeLoader reports it itself
+                    continue
+                if repeated:
+                    raise SatError(f"config file {path} repeats key {key!r}")
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
 
 
 # glibc malloc thresholds for the processes that run teachers and training (tune_allocator).

@@ -30,10 +30,8 @@ from pipelines.precompute_plan import (  # noqa: F401 - auto_shard_chunks is par
     shard_chunks,
 )
 from saliency_cache.errors import IncompleteMapError, MismatchError, SatError
-from saliency_cache.store import SaliencyStore
-
-WEAK_SOURCES = ("box", "mask")
-TARGET_RULES = ("label", "argmax")
+from saliency_cache.store import TARGET_RULES, SaliencyStore
+from trainer.data.weak import WEAK_SOURCES
 
 
 @dataclass(frozen=True)
@@ -151,21 +149,6 @@ def _chunk_images(split, dataset, start: int, stop: int) -> np.ndarray:
     if split.has_images():
         return split.read_images(start, stop)
     return np.asarray(dataset.load_images(start, stop), dtype=np.uint8)
-
-
-def _log_chunk(job: MapJob, k: int) -> None:
-    """Test hook: with ``SAT_CHUNK_LOG=<file>``, append ``<split>/<map> <chunk>`` per chunk computed.
-
-    The fault tests count computations with it (a resume must not recompute a done chunk);
-    one short O_APPEND write per line, so lines from several worker processes never mix.
-    """
-    path = os.environ.get("SAT_CHUNK_LOG")
-    if path:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, f"{job.split}/{job.name} {k}\n".encode())
-        finally:
-            os.close(fd)
 
 
 def run_map_job_in_worker(job: MapJob) -> int:
@@ -290,7 +273,6 @@ def _job_tasks(job: MapJob, on_job_done=None, writer=None):
 
     def write(k: int, maps: np.ndarray) -> None:
         writer.write_chunk(k, maps)
-        _log_chunk(job, k)
 
     if job.kind == "weak":
         from trainer.data.weak import weak_maps

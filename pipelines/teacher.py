@@ -18,10 +18,9 @@ import torch
 
 from pipelines.common import DataSpec, config_dict, git_sha, write_json
 from saliency_cache.errors import SatError
+from saliency_cache.store import TEACHER_MODES
 from trainer.checkpoint import Checkpoint, save_checkpoint
 from trainer.loop import ArraySource, LoopConfig, fit
-
-TEACHER_MODES = ("standard", "adversarial", "sparse")
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,14 @@
 """Evaluation attacks and their shared primitives, on tiny CNNs in [0, 1] pixel space."""
 
+import functools
 import sys
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from saliency_cache.errors import MismatchError, SatError
+from tests import nets
 from tests.nets import Linear
 from trainer.attacks import (
     ATTACKS,
@@ -39,25 +40,8 @@ SPECS = [
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_net(classes=4, seed=0, bn=True, gain=1.0):
-    """A 2-conv ReLU net; ``gain`` scales the first layer so that, without BatchNorm or in
-    eval mode, a random net is easy to fool."""
-    torch.manual_seed(seed)
-    layers = [nn.Conv2d(3, 6, 3, padding=1)]
-    if bn:
-        layers.append(nn.BatchNorm2d(6))
-    layers += [
-        nn.ReLU(),
-        nn.Conv2d(6, 6, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(6 * 16, classes),
-    ]
-    net = nn.Sequential(*layers)
-    with torch.no_grad():
-        net[0].weight.mul_(gain)
-        net[0].bias.mul_(gain)
-    return net
+# 6 channels and no pooling: the linear layer sees every position of the 8x8 inputs.
+tiny_net = functools.partial(nets.tiny_net, classes=4, width=6, pool=False)
 
 
 def gen(seed=0):

@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipelines.cli import main
-from tests.fixtures import make_oxford17, make_tiny_imagenet
+from tests.dataset_files import make_oxford17, make_tiny_imagenet
 
 SYN = ["--dataset", "synthetic", "--n", "64", "--n-val", "32", "--image-size", "16",
        "--num-classes", "4"]
@@ -76,6 +76,9 @@ def world(tmp_path_factory):
     shard.write_bytes(bytes(raw))
 
     (base / "unknown_keys.yaml").write_text("epochs: 1\nwidht: 4\n")
+    # The last value used to win in silence; both spellings of an option are one key.
+    (base / "repeated_key.yaml").write_text("epochs: 1\nwidth: 4\nepochs: 3\n")
+    (base / "two_spellings.yaml").write_text("batch-size: 16\nbatch_size: 32\n")
     # Cases that must create a new output point here, outside the hashed tree.
     w.fresh = tmp_path_factory.mktemp("bad_input_fresh")
     (base / "a_file").write_text("not a directory\n")
@@ -150,6 +153,12 @@ CASES: dict[str, Case] = {
     "train: yaml config with unknown keys": (lambda w: [
         "train", "--config", str(w.base / "unknown_keys.yaml"), "--store", w.store, "--out",
         str(w.run), *CPU], "widht"),
+    "train: yaml config with a repeated key": (lambda w: [
+        "train", "--config", str(w.base / "repeated_key.yaml"), "--store", w.store, "--out",
+        str(w.run), *CPU], "repeated_key.yaml repeats key 'epochs'"),
+    "train: yaml config with a key in two spellings": (lambda w: [
+        "train", "--config", str(w.base / "two_spellings.yaml"), "--store", w.store, "--out",
+        str(w.run), *CPU], "two_spellings.yaml repeats key 'batch_size'"),
     "train: yaml config that is missing": (lambda w: [
         "train", "--config", str(w.base / "nope.yaml"), "--store", w.store, "--out",
         str(w.run), *CPU], "nope.yaml"),

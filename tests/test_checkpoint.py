@@ -81,3 +81,24 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
         save_checkpoint(path, Checkpoint(arch={}, model_state=model.state_dict(), epoch=2))
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["ck.safetensors"]
+
+
+def test_file_with_rng_tensors_still_loads(tmp_path):
+    """Checkpoints once had an (always empty) ``rng`` field written as ``rng.*`` tensors; a
+    file holding such tensors loads, with the model and optimizer state it carries."""
+    from safetensors.torch import load_file, save_file
+
+    model, opt = _trained_pair()
+    path = tmp_path / "ck.safetensors"
+    save_checkpoint(path, Checkpoint(arch={}, model_state=model.state_dict(), epoch=3,
+                                     optim_state=opt.state_dict()))
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    save_file({**tensors, "rng.cpu": torch.zeros(8, dtype=torch.uint8)}, str(path), metadata=meta)
+    ck = load_checkpoint(path)
+    assert ck.epoch == 3 and set(ck.model_state) == set(model.state_dict())
+    assert not hasattr(ck, "rng")
+    assert ck.optim_state["state"].keys() == opt.state_dict()["state"].keys()

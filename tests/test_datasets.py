@@ -1,6 +1,7 @@
 """Dataset sources: parsing of every on-disk format, clear errors on bad input, fingerprints,
-and the synthetic shapes generator. Everything runs on tiny fixtures from tests/fixtures.py;
-the last tests read the real shared datasets when they are present and skip otherwise."""
+and the synthetic shapes generator. Everything runs on tiny dataset folders from
+tests/dataset_files.py; the last tests read the real shared datasets when they are present and
+skip otherwise."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from PIL import Image
 
 from saliency_cache.errors import SatError
 from tests.coco_data import make_coco
-from tests.fixtures import (
+from tests.dataset_files import (
     make_cifar_pickles,
     make_imagefolder,
     make_oxford17,
@@ -122,7 +123,7 @@ def test_unknown_dataset_and_missing_root(tmp_path):
 
 def test_datasets_module_does_not_import_torch():
     code = (
-        "import sys; import trainer.data, trainer.data.weak, tests.fixtures; "
+        "import sys; import trainer.data, trainer.data.weak, tests.dataset_files; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     import subprocess

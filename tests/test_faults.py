@@ -29,6 +29,7 @@ from pipelines.cli import main
 from saliency_cache.errors import CorruptChunkError, IncompleteMapError, SatError
 from saliency_cache.store import LOCK_NAME, SaliencyStore
 from saliency_cache.verify import verify
+from tests.chunk_log import sat_command
 from tests.helpers import (
     MASK,
     add_random_map,
@@ -47,12 +48,8 @@ N_CHUNKS = 16  # 256 samples in chunks of 16, 4 chunks per shard
 TIMEOUT = 180
 
 
-def _env(chunk_log: Path | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "SAT_CHUNK_LOG"}
-    env["OMP_NUM_THREADS"] = "1"
-    if chunk_log is not None:
-        env["SAT_CHUNK_LOG"] = str(chunk_log)
-    return env
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _wait_for(what: str, cond, procs=(), timeout: float = TIMEOUT, every: float = 0.02):
@@ -137,7 +134,7 @@ def test_killed_precompute_resumes_byte_identical(tmp_path, teacher):
     killed, reference = tmp_path / "killed.zarr", tmp_path / "reference.zarr"
     first_log, resume_log = tmp_path / "first.log", tmp_path / "resume.log"
     proc = subprocess.Popen(
-        [*SAT, *_precompute_args(killed, teacher)], env=_env(first_log),
+        [*sat_command(first_log), *_precompute_args(killed, teacher)], env=_env(),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -158,9 +155,9 @@ def test_killed_precompute_resumes_byte_identical(tmp_path, teacher):
         SaliencyStore.open(killed, "r").split("train").open_map(TEACHER_MAP)
 
     # The resume (taking over the dead writer's lock) and an uninterrupted run, side by side.
-    resume = subprocess.Popen([*SAT, *_precompute_args(killed, teacher)], env=_env(resume_log),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    full = subprocess.Popen([*SAT, *_precompute_args(reference, teacher)], env=_env(None),
+    resume = subprocess.Popen([*sat_command(resume_log), *_precompute_args(killed, teacher)],
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    full = subprocess.Popen([*SAT, *_precompute_args(reference, teacher)], env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for p in (resume, full):
         out, err = p.communicate(timeout=TIMEOUT)
@@ -187,15 +184,17 @@ def test_concurrent_precompute_on_one_map_is_refused(tmp_path, teacher):
         import captum.attr, torch  # noqa: F401
         import pipelines.precompute, pipelines.teacher, trainer.saliency  # noqa: F401
         from pipelines.cli import main
+        from tests.chunk_log import install
+        install(sys.argv[1])  # B must not compute a chunk: the log says if it did
         print("ready", flush=True)
         sys.stdin.readline()
-        main(sys.argv[1:], prog_name="sat")
+        main(sys.argv[2:], prog_name="sat")
         """
     )
     args = _precompute_args(store, teacher)
-    b = subprocess.Popen([sys.executable, "-c", warm, *args], env=_env(log_b), text=True,
+    b = subprocess.Popen([sys.executable, "-c", warm, str(log_b), *args], env=_env(), text=True,
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    a = subprocess.Popen([*SAT, *args], env=_env(log_a), text=True,
+    a = subprocess.Popen([*sat_command(log_a), *args], env=_env(), text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert b.stdout.readline().strip() == "ready"

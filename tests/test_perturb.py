@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from saliency_cache.errors import MismatchError, SatError
+from tests.nets import tiny_net
 from trainer.perturb import (
     MODES,
     PerturbConfig,
@@ -22,22 +23,6 @@ EPS0 = 8 / 255
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_net(classes=3, channels=3, seed=0, bn=True):
-    torch.manual_seed(seed)
-    layers = [nn.Conv2d(channels, 4, 3, padding=1)]
-    if bn:
-        layers.append(nn.BatchNorm2d(4))
-    layers += [
-        nn.ReLU(),
-        nn.Conv2d(4, 4, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(16, classes),
-    ]
-    return nn.Sequential(*layers)
 
 
 class Recorder(nn.Module):

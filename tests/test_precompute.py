@@ -31,7 +31,8 @@ from pipelines.teacher import TeacherConfig
 from pipelines.teacher import run as train_teacher
 from saliency_cache.errors import IncompleteMapError, MismatchError, SatError
 from saliency_cache.store import LOCK_NAME, MapWriter, SaliencyStore
-from tests.fixtures import make_oxford17, make_tiny_imagenet
+from tests import chunk_log
+from tests.dataset_files import make_oxford17, make_tiny_imagenet
 from trainer.checkpoint import file_sha256, load_model
 from trainer.data.weak import box_to_map, mask_to_map
 from trainer.loop import LoopConfig
@@ -370,9 +371,9 @@ def test_two_dask_workers_write_the_same_bytes_as_in_process(
     teachers, reference, tmp_path, monkeypatch
 ):
     log = tmp_path / "chunks.log"
-    monkeypatch.setenv("SAT_CHUNK_LOG", str(log))  # inherited by the workers
     store = tmp_path / "s.zarr"
-    res = run(_cfg(store, [teachers["standard"]], workers=2))
+    with chunk_log.in_dask_workers(log):
+        res = run(_cfg(store, [teachers["standard"]], workers=2))
     assert res["chunks_written"] == 12
     _assert_same_store(store, reference)
     lines = _chunk_log(log)
@@ -491,7 +492,7 @@ def test_interrupted_run_resumes_the_pending_chunks_to_identical_bytes(
     created = {n: sp.inspect_map(n).provenance["created"] for n in sp.maps()}
 
     log = tmp_path / "chunks.log"
-    monkeypatch.setenv("SAT_CHUNK_LOG", str(log))
+    monkeypatch.setattr(MapWriter, "write_chunk", chunk_log.logged_write_chunk(log, real))
     res = run(cfg)
     assert res["chunks_written"] == 12 - 5
     recomputed = {tuple(line.rsplit(" ", 1)) for line in _chunk_log(log)}

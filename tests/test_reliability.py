@@ -27,7 +27,12 @@ from pipelines.common import DataSpec
 from pipelines.precompute import PrecomputeConfig, run
 from saliency_cache.errors import SatError
 from saliency_cache.store import MapWriter, SaliencyStore
-from tests.fixtures import make_cifar_pickles, make_imagefolder, make_oxford17, make_tiny_imagenet
+from tests.dataset_files import (
+    make_cifar_pickles,
+    make_imagefolder,
+    make_oxford17,
+    make_tiny_imagenet,
+)
 from tests.helpers import GBP, add_random_map, make_store, one_line_error, teacher_provenance
 from trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from trainer.data import open_dataset

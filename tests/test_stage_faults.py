@@ -28,7 +28,7 @@ from click.testing import CliRunner
 
 from pipelines.cli import main
 from saliency_cache.store import SaliencyStore
-from tests.fixtures import make_imagefolder, make_oxford17, make_tiny_imagenet
+from tests.dataset_files import make_imagefolder, make_oxford17, make_tiny_imagenet
 from tests.helpers import one_line_error
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 

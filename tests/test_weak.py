@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 
 from saliency_cache.errors import SatError
-from tests.fixtures import make_cifar_pickles, make_oxford17, make_tiny_imagenet, oxford_label_map
+from tests.dataset_files import (
+    make_cifar_pickles,
+    make_oxford17,
+    make_tiny_imagenet,
+    oxford_label_map,
+)
 from trainer.data import open_dataset
 from trainer.data.weak import box_to_map, mask_to_map, missing_annotations, weak_encoding, weak_maps
 

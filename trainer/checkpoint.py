@@ -1,13 +1,16 @@
-"""Checkpoints: one safetensors file holding model, optimizer, scheduler and RNG state.
+"""Checkpoints: one safetensors file holding model, optimizer and scheduler state.
 
 Layout of a checkpoint file (safetensors, so nothing is ever unpickled):
 
 - tensors ``model.<name>``: the *unwrapped* model's state dict (no ``module.`` prefix);
 - tensors ``optim.<param index>.<key>``: per-parameter optimizer state (e.g. Adam moments);
-- tensors ``rng.<name>``: generator states (uint8), for an exact ``--resume``;
 - metadata (all strings): ``format_version``, ``kind`` ("sat-checkpoint"), ``arch`` (JSON:
   how to rebuild the model), ``epoch`` (completed epochs), ``config`` (JSON), ``optim``
   (JSON: param groups and non-tensor state), ``sched`` (JSON), ``extra`` (JSON).
+
+Any other tensors in a file are ignored when it is read (older files could name ``rng.*``
+tensors; none was ever written). Generator state need not be saved: the loop derives every
+epoch's randomness from ``(seed, epoch, rank)``.
 
 Files are written to a temporary name in the same directory and ``os.replace``d into place,
 so a killed writer leaves the previous checkpoint intact.
@@ -42,7 +45,6 @@ class Checkpoint:
     config: dict[str, Any] = field(default_factory=dict)
     optim_state: dict[str, Any] | None = None
     sched_state: dict[str, Any] | None = None
-    rng: dict[str, torch.Tensor] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -87,8 +89,6 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> str:
         meta["optim"] = json.dumps(opt_meta)
     if ckpt.sched_state is not None:
         meta["sched"] = json.dumps(ckpt.sched_state)
-    for name, state in ckpt.rng.items():
-        tensors[f"rng.{name}"] = state.detach().cpu().contiguous()
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
@@ -128,7 +128,6 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     check_finite(model_state, path)
     optim_tensors = {k: v for k, v in tensors.items() if k.startswith("optim.")}
-    rng = {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}
     optim_state = (
         _optim_from_flat(optim_tensors, json.loads(meta["optim"])) if "optim" in meta else None
     )
@@ -139,7 +138,6 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         config=json.loads(meta.get("config", "{}")),
         optim_state=optim_state,
         sched_state=json.loads(meta["sched"]) if "sched" in meta else None,
-        rng=rng,
         extra=json.loads(meta.get("extra", "{}")),
     )
 
@@ -220,7 +218,3 @@ def file_sha256(path: str | Path) -> str:
             h.update(block)
     return h.hexdigest()
 
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a DDP / DataParallel wrapper (checkpoints store the unwrapped model)."""
-    return model.module if hasattr(model, "module") else model

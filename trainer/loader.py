@@ -141,6 +141,28 @@ class StoreStream(torch.utils.data.IterableDataset):
         # Validate everything once, up front, in the main process.
         st = SaliencyStore.open(self.store_url, "r", storage_options=storage_options)
         sp = st.split(split)
+        self._check_images(sp, images_from, expect_fingerprint)
+        self.n = sp.n
+        self.num_samples_total = sp.n
+        self.chunk_size = sp.chunk_size
+        self.image_shape = tuple(sp.image_shape)
+        self.n_blocks = math.ceil(self.n / self.chunk_size)
+        self.specs, usable = self._check_maps(st, sp)
+        self.decoders = [MapDecoder(s) for s in self.specs]
+        if buffer_blocks is None:
+            row_bytes = int(np.prod(self.image_shape)) + sum(
+                packed_nbytes(sp_.shape, sp_.encoding) for sp_ in self.specs
+            )
+            buffer_blocks = int(buffer_mb * 2**20 // max(1, row_bytes * self.chunk_size))
+        self.buffer_blocks = max(1, int(buffer_blocks))
+        self.blocks = np.flatnonzero(usable).tolist()  # blocks whose maps are all written
+        if not self.blocks:
+            raise SatError(f"no chunk of maps {self.map_names} is complete yet")
+        self.num_samples = sum(e - s for s, e in self._rank_ranges(0))
+
+    def _check_images(self, sp, images_from, expect_fingerprint: str | None) -> None:
+        """Refuse a split of other data, or one with no images and no dataset to supply them."""
+        split = self.split_name
         if expect_fingerprint is not None and sp.fingerprint != expect_fingerprint:
             raise MismatchError(
                 f"split {split!r} of {self.store_url} has fingerprint {sp.fingerprint[:16]}…, "
@@ -159,17 +181,16 @@ class StoreStream(torch.utils.data.IterableDataset):
                     f"fingerprint {fp[:16]}…) does not match split {split!r} of "
                     f"{self.store_url} (n={sp.n}, fingerprint {sp.fingerprint[:16]}…)"
                 )
-        self.n = sp.n
-        self.num_samples_total = sp.n
-        self.chunk_size = sp.chunk_size
-        self.image_shape = tuple(sp.image_shape)
-        self.specs: list[MapSpec] = []
-        self.n_blocks = math.ceil(self.n / self.chunk_size)
+
+    def _check_maps(self, st, sp) -> tuple[list[MapSpec], np.ndarray]:
+        """Open and check each streamed map: (their specs, bool (n_blocks,) of the blocks
+        whose chunks every map has written; all True unless ``allow_partial``)."""
+        specs: list[MapSpec] = []
         usable = np.ones(self.n_blocks, dtype=bool)
         for name in self.map_names:
-            reader = sp.open_map(name, allow_partial=allow_partial)
-            check_map_integrity(st, split, name)
-            if allow_partial:  # never train on chunks that were not written (they read as 0)
+            reader = sp.open_map(name, allow_partial=self.allow_partial)
+            check_map_integrity(st, self.split_name, name)
+            if self.allow_partial:  # never train on chunks that were not written (they read as 0)
                 done = np.asarray(reader.done_chunks(), dtype=bool)
                 for b in range(self.n_blocks):
                     s, e = b * self.chunk_size, min(self.n, (b + 1) * self.chunk_size)
@@ -179,18 +200,8 @@ class StoreStream(torch.utils.data.IterableDataset):
                 raise MismatchError(
                     f"map {name!r} has shape {shape}, images have {self.image_shape}"
                 )
-            self.specs.append(MapSpec(name, reader.encoding, shape))
-        self.decoders = [MapDecoder(s) for s in self.specs]
-        if buffer_blocks is None:
-            row_bytes = int(np.prod(self.image_shape)) + sum(
-                packed_nbytes(sp_.shape, sp_.encoding) for sp_ in self.specs
-            )
-            buffer_blocks = int(buffer_mb * 2**20 // max(1, row_bytes * self.chunk_size))
-        self.buffer_blocks = max(1, int(buffer_blocks))
-        self.blocks = np.flatnonzero(usable).tolist()  # blocks whose maps are all written
-        if not self.blocks:
-            raise SatError(f"no chunk of maps {self.map_names} is complete yet")
-        self.num_samples = sum(e - s for s, e in self._rank_ranges(0))
+            specs.append(MapSpec(name, reader.encoding, shape))
+        return specs, usable
 
     # ---- order -------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:

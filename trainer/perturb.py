@@ -49,9 +49,8 @@ Choices, with the reasons:
 from __future__ import annotations
 
 import abc
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
@@ -67,6 +66,7 @@ from trainer.attacks import (
     trades_kl_attack,
     uniform_noise,
 )
+from trainer.modules import module_mode
 from trainer.registry import Registry
 
 # --------------------------------------------------------------------------- config
@@ -218,19 +218,6 @@ def select_maps(
 
 
 # --------------------------------------------------------------------------- modes
-
-
-@contextlib.contextmanager
-def module_mode(model: torch.nn.Module, training: bool) -> Iterator[None]:
-    """Run a block with ``model.train(training)``, then give every submodule back its own
-    previous mode (a blanket ``model.train()`` would unfreeze deliberately frozen layers)."""
-    before = [(m, m.training) for m in model.modules()]
-    model.train(training)
-    try:
-        yield
-    finally:
-        for m, was in before:
-            m.training = was
 
 
 MODES: Registry[type[TrainingMode]] = Registry("training mode")

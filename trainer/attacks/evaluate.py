@@ -21,6 +21,7 @@ from saliency_cache.errors import SatError
 from trainer.attacks.boundary import NORMS, min_norm_distance, summarise
 from trainer.attacks.metrics import ALIGNMENT_FORMS, alignment_forms, num_correct
 from trainer.attacks.registry import Attack, parse_attack
+from trainer.modules import module_mode
 
 
 @dataclass(frozen=True)
@@ -94,9 +95,7 @@ def evaluate(
     b_n = 0 if boundary is None else min(n, boundary.max_samples or n)
     tally = _Tally(plan, boundary.norms if boundary else ())
     step = on_step or (lambda: None)
-    was = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with module_mode(model, False):  # eval mode, each submodule's flag restored after
         for bi, s in enumerate(range(0, n, batch_size)):
             x = images[s : s + batch_size].to(device)
             x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
@@ -119,9 +118,6 @@ def evaluate(
                                           generator=batch_generator(seed, bi, device))
                     tally.dists[norm].append(d.cpu().numpy())
                 step()
-    finally:
-        for mod, training in was:
-            mod.training = training
     res = tally.result(n, alignment)
     if boundary is not None:
         res["boundary"] = {"attack": "fab", "steps": boundary.steps, "n": b_n,

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from saliency_cache.errors import MismatchError, SatError
+from trainer.modules import unwrap
 
 LOSSES = ("ce", "margin")
 
@@ -57,13 +58,6 @@ def check_generator(generator: torch.Generator, x: torch.Tensor) -> None:
             f"generator is on {generator.device} but the inputs are on {x.device}; "
             "create it with torch.Generator(device=x.device)"
         )
-
-
-def _inner(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DDP/DataParallel: attack iterations need input gradients only, and
-    running them through the wrapper would arm its gradient-reduction hooks for nothing."""
-    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
-    return model.module if isinstance(model, wrappers) else model
 
 
 def per_sample_loss(logits: torch.Tensor, y: torch.Tensor, loss: str = "ce") -> torch.Tensor:
@@ -161,7 +155,7 @@ def fgsm(
 ) -> torch.Tensor:
     """Fast gradient sign method (Goodfellow et al.): ``clip(x + eps * sign(∇x L(x, y)))``."""
     eps = _check_eps(eps)
-    net = _inner(model)
+    net = unwrap(model)
     g = input_grad(net, x, lambda z: per_sample_loss(z, y, loss))
     return project(x.detach() + eps * g.sign(), x.detach(), eps)
 
@@ -201,7 +195,7 @@ def pgd(
         check_generator(generator, x)
     if loss not in LOSSES:
         raise SatError(f"unknown attack loss {loss!r}; choose one of: {', '.join(LOSSES)}")
-    net = _inner(model)
+    net = unwrap(model)
     x0 = x.detach()
     best: torch.Tensor | None = None
     best_fooled = best_loss = None
@@ -250,7 +244,7 @@ def trades_kl_attack(
     if int(steps) != steps or steps < 1:
         raise SatError(f"TRADES attack steps must be an integer >= 1, got {steps!r}")
     check_generator(generator, x)
-    net = _inner(model)
+    net = unwrap(model)
     x0 = x.detach()
     with torch.no_grad():
         p_clean = F.softmax(net(x0).float(), dim=1)
@@ -274,7 +268,7 @@ def saliency_attack(
     Φ^y is the true-class logit, so the step lowers the evidence for the right class.
     """
     eps = _check_eps(eps)
-    g = true_logit_grad(_inner(model), x, y)
+    g = true_logit_grad(unwrap(model), x, y)
     return torch.clamp(x.detach() - eps * g.sign(), 0.0, 1.0)
 
 

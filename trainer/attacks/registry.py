@@ -16,7 +16,6 @@ from saliency_cache.errors import SatError
 from trainer.attacks.primitives import (
     LOSSES,
     _check_eps,
-    _inner,
     check_generator,
     fgsm,
     pgd,
@@ -26,6 +25,7 @@ from trainer.attacks.primitives import (
     trades_kl_attack,
     uniform_noise,
 )
+from trainer.modules import unwrap
 from trainer.registry import Registry
 
 # --------------------------------------------------------------------------- registry
@@ -224,7 +224,7 @@ class AutoAttackAttack(Attack):
             raise SatError(
                 "the autoattack attack needs torchattacks: pip install 'sat-pipeline[autoattack]'"
             ) from None
-        net = _inner(model)
+        net = unwrap(model)
         with torch.no_grad():
             n_classes = int(net(x[:1]).shape[1])
         if n_classes < 4:

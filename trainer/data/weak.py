@@ -22,7 +22,7 @@ from saliency_cache.errors import SatError
 if TYPE_CHECKING:
     from trainer.data import ImageDataset
 
-SOURCES = ("box", "mask")
+WEAK_SOURCES = ("box", "mask")
 
 
 def box_to_map(box: Sequence[int], height: int, width: int) -> np.ndarray:
@@ -64,8 +64,10 @@ def mask_to_map(mask: np.ndarray, ignore: np.ndarray | None = None) -> np.ndarra
 
 
 def _check(dataset: ImageDataset, source: str) -> None:
-    if source not in SOURCES:
-        raise SatError(f"unknown weak saliency source {source!r}; choose box or mask")
+    if source not in WEAK_SOURCES:
+        raise SatError(
+            f"unknown weak saliency source {source!r}; choose one of: {', '.join(WEAK_SOURCES)}"
+        )
     has = dataset.has_boxes if source == "box" else dataset.has_masks
     if not has:
         raise SatError(

@@ -8,7 +8,6 @@ from trainer.saliency.maps import compute_maps, ieee_fp32, to_binary_heatmap, to
 from trainer.saliency.methods import (
     KINDS,
     SALIENCY,
-    TARGET_RULES,
     GradCam,
     GradCamPlusPlus,
     GradCamPlusPlusBox,
@@ -30,7 +29,6 @@ from trainer.saliency.methods import (
 __all__ = [
     "KINDS",
     "SALIENCY",
-    "TARGET_RULES",
     "GradCam",
     "GradCamPlusPlus",
     "GradCamPlusPlusBox",

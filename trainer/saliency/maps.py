@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 from saliency_cache.errors import SatError
+from saliency_cache.store import TARGET_RULES
+from trainer.modules import module_mode
 from trainer.saliency.methods import (
-    TARGET_RULES,
     SaliencyMethod,
     _above_fraction_of_max,
     _check_fraction,
-    _eval_mode,
     method_encoding,
 )
 
@@ -124,7 +124,7 @@ def compute_maps(
     labels = torch.as_tensor(labels, device=x.device).long().reshape(-1)
     with ieee_fp32(x.device):
         if target_rule == "argmax":
-            with torch.no_grad(), _eval_mode(model):
+            with torch.no_grad(), module_mode(model, False):
                 logits = model(x)
             _require_finite(logits, "logits")
             target = logits.argmax(dim=1)

@@ -40,27 +40,15 @@ from captum.attr import (
 from torch import nn
 
 from saliency_cache.errors import SatError
+from trainer.modules import module_mode
 from trainer.registry import Registry
 
 SALIENCY: Registry = Registry("saliency method")
 
 KINDS = ("gradient", "heatmap", "box")
-TARGET_RULES = ("label", "argmax")
 
 
 # ---- helpers -------------------------------------------------------------------------------
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode, then restore each module's own flag."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, was_training in modes:
-            m.training = was_training
-
-
 @contextmanager
 def _quiet_captum() -> Iterator[None]:
     # GuidedBackprop warns on every call that it sets (and later removes) ReLU hooks.
@@ -238,7 +226,7 @@ class SaliencyMethod:
         # A fresh leaf that requires grad: captum differentiates w.r.t. it, and the caller's
         # tensor keeps its own requires_grad flag.
         xin = x.detach().requires_grad_(True)
-        with _eval_mode(model), _quiet_captum():
+        with module_mode(model, False), _quiet_captum():
             out = self._attribute(model, xin, target)
         return out.detach()
 
