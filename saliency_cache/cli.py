@@ -110,7 +110,7 @@ def _resolve(st, split_name: str | None, map_arg: str | None):
             )
     sp = st.split(split_name)
     if map_name is not None:
-        sp._require_map(map_name)
+        sp.require_map(map_name)
     return sp, map_name
 
 

@@ -14,13 +14,10 @@ import zarr
 
 from saliency_cache.encoding import invalid_bytes
 from saliency_cache.errors import MapNotFoundError, SatError
-from saliency_cache.store import (
-    _DECODE_ERRORS,
-    MapReader,
-    SaliencyStore,
-    Split,
-    ids_digest,
-)
+from saliency_cache.layout import DECODE_ERRORS
+from saliency_cache.names import ids_digest
+from saliency_cache.split import Split
+from saliency_cache.store import SaliencyStore
 
 
 @dataclass(frozen=True)
@@ -80,7 +77,7 @@ def verify(
             maps = [map_name]
         else:
             if split is not None:
-                sp._require_map(map_name)  # raises, listing the available maps
+                sp.require_map(map_name)  # raises, listing the available maps
             continue
         found_map = found_map or bool(maps)
         for m in maps:
@@ -108,7 +105,7 @@ def _read_chunks(
         try:
             v = arr[sl]
             parts.append(v if want_values else True)
-        except _DECODE_ERRORS as e:
+        except DECODE_ERRORS as e:
             problems.append(
                 Problem(
                     sp.name,
@@ -131,7 +128,7 @@ def _check_split(sp: Split) -> list[Problem]:
     arrays = {}
     for name, dtype, shape in (("labels", np.int64, (sp.n,)), ("ids", None, (sp.n,))):
         try:
-            arr = sp._array(name)
+            arr = sp.array(name)
         except SatError as e:
             meta(str(e))
             continue
@@ -168,9 +165,9 @@ def _check_split(sp: Split) -> list[Problem]:
                         f"ids hash to {digest}, the split records {sp.ids_sha256}",
                     )
                 )
-    if sp._has_images_array():
+    if sp.has_images_array():
         try:
-            arr = sp._array("images")
+            arr = sp.array("images")
         except SatError as e:
             meta(str(e))
         else:
@@ -199,7 +196,7 @@ def _check_map(sp: Split, name: str) -> list[Problem]:
         problems.append(Problem(sp.name, name, chunk, kind, msg))
 
     try:
-        r = MapReader(sp, name)
+        r = sp.inspect_map(name)
     except SatError as e:
         add("metadata", str(e))
         return problems
@@ -207,10 +204,10 @@ def _check_map(sp: Split, name: str) -> list[Problem]:
         add("metadata", f"map shape {r.shape} does not fit images of shape {sp.image_shape}")
     if r.channels != r.shape[0]:
         add("metadata", f"channels {r.channels} but shape {r.shape}")
-    if r._data.chunks[0] != r.chunk_size:
+    if r.data_array.chunks[0] != r.chunk_size:
         add(
             "metadata",
-            f"data chunks hold {r._data.chunks[0]} samples, attributes say {r.chunk_size}",
+            f"data chunks hold {r.data_array.chunks[0]} samples, attributes say {r.chunk_size}",
         )
     for key, mine, theirs in (
         ("n", r.n, sp.n),
@@ -223,8 +220,8 @@ def _check_map(sp: Split, name: str) -> list[Problem]:
     for c in range(0, r.n_chunks, r.shard_chunks):
         hi = min(c + r.shard_chunks, r.n_chunks)
         try:
-            done[c:hi] = np.asarray(r._done[c:hi]) != 0
-        except _DECODE_ERRORS as e:
+            done[c:hi] = np.asarray(r.done_array[c:hi]) != 0
+        except DECODE_ERRORS as e:
             add("corrupt", f"done flags of chunks {c}..{hi - 1} failed to decode: {e}")
     for k in range(r.n_chunks):
         s, e = k * r.chunk_size, min((k + 1) * r.chunk_size, r.n)
@@ -232,8 +229,8 @@ def _check_map(sp: Split, name: str) -> list[Problem]:
             add("missing", f"chunk {k} (samples {s}..{e - 1}) was never written", k)
             continue
         try:
-            rows = np.asarray(r._data[s:e])
-        except _DECODE_ERRORS as err:
+            rows = np.asarray(r.data_array[s:e])
+        except DECODE_ERRORS as err:
             add("corrupt", f"data chunk {k} (samples {s}..{e - 1}) failed to decode: {err}", k)
             continue
         bad = invalid_bytes(rows, r.encoding, r.shape)

@@ -1,0 +1,538 @@
+"""One dataset split of a store: labels, ids, optional images, and its named maps.
+
+:class:`Split` reads the split's arrays and creates, opens and deletes its maps (the map
+handles are in :mod:`saliency_cache.maps`). Every chunk the split calls written must have its
+file: zarr reads an absent chunk as the fill value, so a lost file would read as zeros.
+Each array's chunk files are checked once per handle, on its first read (one existence
+check per file, a few stat calls locally, one concurrent round of requests remotely), and
+:meth:`Split.check_files` checks them all up front.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import zarr
+
+from saliency_cache.encoding import check_encoding, packed_nbytes
+from saliency_cache.errors import (
+    CorruptChunkError,
+    IncompleteMapError,
+    MapNotFoundError,
+    MismatchError,
+    SatError,
+    StoreFormatError,
+    WriterLockedError,
+)
+from saliency_cache.layout import (
+    DECODE_ERRORS,
+    DEFAULT_SHARD_CHUNKS,
+    FORMAT_VERSION,
+    check_indices,
+    check_range,
+    compressors,
+    req_attr,
+    wrap_meta,
+)
+from saliency_cache.location import Location
+from saliency_cache.lock import WriterLock
+from saliency_cache.maps import MapReader, MapWriter, check_resume, create_map_arrays
+from saliency_cache.names import (
+    Provenance,
+    check_split_name,
+    ids_digest,
+    jsonable,
+    normalize_provenance,
+    plain_name,
+    sanitize_map_name,
+)
+
+if TYPE_CHECKING:
+    from saliency_cache.store import SaliencyStore
+
+
+class Split:
+    """One dataset split of a store: labels, ids, optional images and named maps.
+
+    Attributes: ``name``, ``n``, ``fingerprint``, ``ids_sha256``, ``image_shape`` (C, H, W),
+    ``num_classes``, ``class_names`` (list or None), ``dataset`` (dict), ``chunk_size``.
+    """
+
+    def __init__(self, store: SaliencyStore, name: str, allow_unready: bool = False) -> None:
+        self.store = store
+        self.name = name
+        self._loc = store.location
+        what = f"split {name!r} of {store.url}"
+        self._group = wrap_meta(what, lambda: store.root[name])
+        if not isinstance(self._group, zarr.Group):
+            raise StoreFormatError(f"{what} is an array, not a group")
+        a = self._group.attrs.asdict()
+        self.n = req_attr(a, "n", what, int)
+        self.fingerprint = req_attr(a, "fingerprint", what, str)
+        self.ids_sha256 = req_attr(a, "ids_sha256", what, str)
+        self.image_shape = tuple(req_attr(a, "image_shape", what, list))
+        self.num_classes = req_attr(a, "num_classes", what, int)
+        self.chunk_size = req_attr(a, "chunk_size", what, int)
+        self.class_names = a.get("class_names")
+        self.dataset = a.get("dataset") or {}
+        self.ready = bool(a.get("ready", True))
+        self._images_complete = bool(a.get("images_complete", False))
+        if len(self.image_shape) != 3 or self.n < 1 or self.chunk_size < 1:
+            raise StoreFormatError(
+                f"{what} has malformed attributes n={self.n}, "
+                f"image_shape={self.image_shape}, chunk_size={self.chunk_size}"
+            )
+        if not self.ready and not allow_unready:
+            raise StoreFormatError(f"{what} was not completely created; create it again")
+
+    def __repr__(self) -> str:
+        return f"Split({self.name!r}, n={self.n}, fingerprint={self.fingerprint[:12]!r})"
+
+    @property
+    def n_chunks(self) -> int:
+        return math.ceil(self.n / self.chunk_size)
+
+    def _what(self) -> str:
+        return f"split {self.name!r} of {self.store.url}"
+
+    def array(self, name: str) -> zarr.Array:
+        """The raw zarr array ``name`` (``labels``, ``ids``, ``images``), for integrity tools:
+        reading it bypasses this handle's checks. SatError if it is absent or unreadable."""
+        return wrap_meta(f"{name} of {self._what()}", lambda: self._group[name])
+
+    def _read(self, arr_name: str, fn):
+        try:
+            return fn()
+        except SatError:
+            raise
+        except DECODE_ERRORS as e:
+            raise CorruptChunkError(f"{arr_name} of {self._what()} failed to decode: {e}") from None
+
+    def labels(self) -> np.ndarray:
+        """int64 (N,) class indices."""
+        arr = self.array("labels")
+        return self._read("labels", lambda: np.asarray(arr[:], dtype=np.int64))
+
+    def ids(self) -> list[str]:
+        """The N sample ids, as strings."""
+        arr = self.array("ids")
+        return self._read("ids", lambda: [str(x) for x in arr[:].tolist()])
+
+    # ---- images ----
+    def has_images_array(self) -> bool:
+        return self._loc.exists(f"{self.name}/images/zarr.json")  # no listing: works over HTTP
+
+    def images_complete(self) -> bool:
+        """True once :meth:`mark_images_complete` ran (re-read from the store)."""
+        if not self._images_complete:
+            a = wrap_meta(self._what(), lambda: self.store.root[self.name]).attrs.asdict()
+            self._images_complete = bool(a.get("images_complete", False))
+        return self._images_complete and self.has_images_array()
+
+    def has_images(self) -> bool:
+        """True if the split holds a completely written ``images`` array."""
+        return self.images_complete()
+
+    def mark_images_complete(self) -> None:
+        """Record that every chunk of ``images`` was written (call after the last :meth:`write_images`)."""
+        self.store.require_writable("mark images complete")
+        if not self.has_images_array():
+            raise SatError(f"{self._what()} has no images array (create it with with_images=True)")
+        self._group.attrs.update({"images_complete": True})
+        self._images_complete = True
+
+    def write_images(self, start: int, images: np.ndarray) -> None:
+        """Write uint8 (B, C, H, W) images at sample ``start`` (a multiple of ``chunk_size``).
+
+        ``B`` must cover whole chunks (or end at N), so every chunk is written in one piece.
+        """
+        self.store.require_writable("write images")
+        if not self.has_images_array():
+            raise SatError(f"{self._what()} has no images array (create it with with_images=True)")
+        images = np.asarray(images)
+        if images.dtype != np.uint8:
+            raise SatError(f"images must be uint8, got dtype {images.dtype}")
+        if images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
+            raise SatError(
+                f"images must be (B, {', '.join(map(str, self.image_shape))}), got {images.shape}"
+            )
+        s, e = check_range(start, int(start) + images.shape[0], self.n, self._what())
+        if s % self.chunk_size or (e % self.chunk_size and e != self.n) or e == s:
+            raise SatError(
+                f"image writes must cover whole chunks of {self.chunk_size}: got [{s}, {e}) of {self.n}"
+            )
+        self.array("images")[s:e] = images
+
+    def _images_for_read(self) -> zarr.Array:
+        if not self.has_images_array():
+            raise SatError(f"{self._what()} holds no images")
+        if not self.images_complete():
+            raise IncompleteMapError(f"the images of {self._what()} were not completely written")
+        return self.array("images")
+
+    def read_images(self, start: int, stop: int) -> np.ndarray:
+        """uint8 (stop - start, C, H, W)."""
+        arr = self._images_for_read()
+        s, e = check_range(start, stop, self.n, self._what())
+        return self._read("images", lambda: arr[s:e])
+
+    def read_images_indices(self, idx: Sequence[int]) -> np.ndarray:
+        """uint8 (len(idx), C, H, W), in the order given (repeats allowed)."""
+        arr = self._images_for_read()
+        a = check_indices(idx, self.n, self._what())
+        if a.size == 0:
+            return np.zeros((0, *self.image_shape), dtype=np.uint8)
+        u, inv = np.unique(a, return_inverse=True)
+        return self._read("images", lambda: arr.get_orthogonal_selection((u,)))[inv]
+
+    # ---- maps ----
+    def map_key(self, name: str) -> str:
+        return f"{self.name}/maps/{name}"
+
+    def maps(self) -> list[str]:
+        """Names of the maps in this split (complete or not), sorted."""
+        prefix = f"{self.name}/maps"
+        return [
+            m for m in self._loc.list_dir(prefix) if self._loc.exists(f"{prefix}/{m}/zarr.json")
+        ]
+
+    def require_map(self, name: str) -> str:
+        if not plain_name(name) or not self._loc.exists(f"{self.map_key(name)}/zarr.json"):
+            raise MapNotFoundError(
+                f"no map {name!r} in {self._what()}; available: {', '.join(self.maps()) or 'none'}"
+            )
+        return name
+
+    def map_group(self, name: str) -> zarr.Group:
+        g = wrap_meta(f"map {name!r} of {self._what()}", lambda: self._group[f"maps/{name}"])
+        if not isinstance(g, zarr.Group):
+            raise StoreFormatError(f"map {name!r} of {self._what()} is not a group")
+        return g
+
+    def create_map(
+        self,
+        name: str,
+        *,
+        provenance: Mapping[str, Any] | Provenance,
+        encoding: str,
+        channels: int,
+        chunk_size: int | None = None,
+        shard_chunks: int | None = None,
+        overwrite: bool = False,
+        force_unlock: bool = False,
+    ) -> MapWriter:
+        """Create a map, or resume the map of that name if its provenance is the same.
+
+        Args:
+            name: sanitised with :func:`sanitize_map_name`.
+            provenance: a dict or :class:`Provenance`; ``encoding``, ``created`` and
+                ``package_version`` are filled in. A caller-given ``created`` is kept.
+            encoding: ``"binary"`` or ``"ternary"``.
+            channels: the image's channel count or 1 (box/mask maps).
+            chunk_size: samples per chunk (default: the split's ``chunk_size``).
+            shard_chunks: chunks per shard file (default 64, at most the number of chunks).
+            overwrite: replace an existing map of that name whatever its provenance.
+            force_unlock: take the writer lock even if it belongs to a process on another host.
+
+        Returns:
+            A :class:`MapWriter` holding the map's writer lock (close it, or use ``with``).
+
+        Raises:
+            MismatchError: a map of that name exists with other provenance, layout or data.
+            WriterLockedError: another live writer holds the map.
+        """
+        self.store.require_writable(f"create map {name!r}")
+        name = sanitize_map_name(name)
+        check_encoding(encoding)
+        if channels not in (1, self.image_shape[0]):
+            raise SatError(
+                f"map channels must be 1 or the image's {self.image_shape[0]}, got {channels!r}"
+            )
+        cs = self.chunk_size if chunk_size is None else chunk_size
+        if not isinstance(cs, (int, np.integer)) or cs < 1:
+            raise SatError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        if shard_chunks is not None and (
+            not isinstance(shard_chunks, (int, np.integer)) or shard_chunks < 1
+        ):
+            raise SatError(f"shard_chunks must be a positive integer, got {shard_chunks!r}")
+        prov = normalize_provenance(provenance, encoding)
+        key = self.map_key(name)
+        lock = WriterLock.acquire(self._loc, key, f"map {name!r} of {self._what()}", force_unlock)
+        try:
+            shape = [int(channels), *self.image_shape[1:]]
+            n_chunks = math.ceil(self.n / cs)
+            sc = min(shard_chunks or DEFAULT_SHARD_CHUNKS, n_chunks)
+            want = {
+                "format_version": FORMAT_VERSION,
+                "provenance": prov,
+                "encoding": encoding,
+                "channels": int(channels),
+                "shape": shape,
+                "n": self.n,
+                "chunk_size": int(cs),
+                "shard_chunks": int(sc),
+                "n_chunks": n_chunks,
+                "packed_nbytes": packed_nbytes(shape, encoding),
+                "fingerprint": self.fingerprint,
+                "ids_sha256": self.ids_sha256,
+                "complete": False,
+            }
+            if self._loc.exists(f"{key}/zarr.json") and not overwrite:
+                group = self.map_group(name)
+                have = group.attrs.asdict()
+                check_resume(name, self._what(), have, want, chunk_size, shard_chunks)
+                self._loc.remove_partial_files(key)  # left by a writer killed mid-write
+                if not {"data", "done"} <= array_names(self._loc, key):
+                    create_map_arrays(group, have)  # a creation killed before its arrays
+                return MapWriter(self, name, lock=lock)
+            if self._loc.exists(f"{key}/zarr.json"):
+                # Arrays go first: a crash then leaves old attributes with no data, never new
+                # provenance over old done flags.
+                for arr in ("data", "done"):
+                    self._loc.delete_dir(f"{key}/{arr}")
+                group = self.map_group(name)
+                group.attrs.put(want)
+            else:
+                # Not overwrite=True: that would delete the directory holding our lock file.
+                group = zarr.create_group(self._loc.zstore, path=key, attributes=want)
+            create_map_arrays(group, want)
+            return MapWriter(self, name, lock=lock)
+        except BaseException:
+            lock.release()
+            raise
+
+    def open_map_writer(self, name: str, *, force_unlock: bool = False) -> MapWriter:
+        """Resume writing an existing map (takes the writer lock; keeps its done chunks)."""
+        self.store.require_writable(f"write map {name!r}")
+        self.require_map(name)
+        lock = WriterLock.acquire(
+            self._loc, self.map_key(name), f"map {name!r} of {self._what()}", force_unlock
+        )
+        try:
+            return MapWriter(self, name, lock=lock)
+        except BaseException:
+            lock.release()
+            raise
+
+    def attach(self, name: str, shards: Sequence[int] | None) -> MapWriter:
+        self.require_map(name)
+        if WriterLock.read(self._loc, self.map_key(name)) is None:
+            raise WriterLockedError(
+                f"map {name!r} of {self._what()} has no writer lock: attach_writer is only for "
+                "tasks started by the process holding it (via create_map or open_map_writer)"
+            )
+        return MapWriter(self, name, lock=None, shards=shards)
+
+    def open_map(
+        self,
+        name: str,
+        *,
+        allow_partial: bool = False,
+        expect_fingerprint: str | None = None,
+        expect_ids: Sequence[str] | None = None,
+        expect_n: int | None = None,
+    ) -> MapReader:
+        """A reader for map ``name``, after checking that it belongs to this data.
+
+        Raises:
+            MapNotFoundError: no such map (the message lists the available ones).
+            MismatchError: the map's recorded n / ids_sha256 / fingerprint differ from the
+                split's or from ``expect_*`` (both values quoted).
+            IncompleteMapError: chunks are missing and ``allow_partial`` is False.
+        """
+        self.require_map(name)
+        r = MapReader(self, name)
+        what = f"map {name!r} of {self._what()}"
+        pairs = [
+            ("n", r.n, self.n, "the split"),
+            ("fingerprint", r.fingerprint, self.fingerprint, "the split"),
+            ("ids_sha256", r.ids_sha256, self.ids_sha256, "the split"),
+        ]
+        if expect_n is not None:
+            pairs.append(("n", r.n, int(expect_n), "expected"))
+        if expect_fingerprint is not None:
+            pairs.append(("fingerprint", r.fingerprint, expect_fingerprint, "expected"))
+        if expect_ids is not None:
+            pairs.append(
+                ("ids_sha256", r.ids_sha256, ids_digest([str(i) for i in expect_ids]), "expected")
+            )
+        for key, mine, theirs, whose in pairs:
+            if mine != theirs:
+                raise MismatchError(f"{what} has {key} {mine!r} but {whose} has {theirs!r}")
+        if not allow_partial:
+            done = r.done_chunks()
+            if not (r.complete and done.all()):
+                missing = np.flatnonzero(~done)
+                if missing.size == 0:
+                    raise IncompleteMapError(
+                        f"{what} was never finalized (every chunk is written; run finalize())"
+                    )
+                first = ", ".join(str(int(k)) for k in missing[:5])
+                raise IncompleteMapError(
+                    f"{what} is incomplete: {missing.size} of {r.n_chunks} chunks missing "
+                    f"(first: {first}); finish the precompute or pass allow_partial"
+                )
+        return r
+
+    def inspect_map(self, name: str) -> MapReader:
+        """A reader without the completeness and data checks of :meth:`open_map` (for inspection tools)."""
+        self.require_map(name)
+        return MapReader(self, name)
+
+    def delete_map(self, name: str, *, force_unlock: bool = False) -> None:
+        """Delete map ``name`` (takes its writer lock first, so a live writer blocks it)."""
+        self.store.require_writable(f"delete map {name!r}")
+        self.require_map(name)
+        key = self.map_key(name)
+        lock = WriterLock.acquire(self._loc, key, f"map {name!r} of {self._what()}", force_unlock)
+        lock.forget()  # the lock file goes with the directory
+        # Metadata first: an interrupted delete leaves no half map that readers would list.
+        self._loc.delete(f"{key}/zarr.json")
+        self._loc.delete_dir(key)
+
+
+def create_split(
+    store: SaliencyStore,
+    name: str,
+    *,
+    labels: np.ndarray,
+    ids: Sequence[str],
+    fingerprint: str,
+    image_shape: tuple[int, int, int],
+    num_classes: int,
+    class_names: list[str] | None,
+    dataset: dict | None,
+    chunk_size: int,
+    with_images: bool,
+) -> Split:
+    """The work of :meth:`SaliencyStore.create_split` (see there), on a writable store."""
+    check_split_name(name)
+    labels, ids_list, attrs = split_attrs(
+        labels, ids, fingerprint, image_shape, num_classes, class_names, dataset, chunk_size
+    )
+    if store.location.exists(f"{name}/zarr.json"):
+        sp = Split(store, name, allow_unready=True)
+        if (
+            sp.n != attrs["n"]
+            or sp.fingerprint != fingerprint
+            or sp.ids_sha256 != attrs["ids_sha256"]
+        ):
+            raise MismatchError(
+                f"split {name!r} of {store.url} holds other data: fingerprint "
+                f"{sp.fingerprint} (n={sp.n}) vs the given {fingerprint} (n={attrs['n']})"
+            )
+        if sp.image_shape != tuple(attrs["image_shape"]) or sp.num_classes != num_classes:
+            raise MismatchError(
+                f"split {name!r} has image_shape {sp.image_shape} and {sp.num_classes} classes, "
+                f"given {tuple(attrs['image_shape'])} and {num_classes}"
+            )
+        if sp.ready and (not with_images or sp.has_images_array()):
+            return sp
+        group = sp._group
+    else:
+        group = store.root.create_group(name, attributes={**attrs, "ready": False})
+    if not group.attrs.get("ready", False):
+        create_split_arrays(group, labels, ids_list, attrs["chunk_size"])
+    if with_images and "images" not in array_names(store.location, name):
+        c, h, w = attrs["image_shape"]
+        group.create_array(
+            "images",
+            shape=(attrs["n"], c, h, w),
+            dtype="uint8",
+            chunks=(attrs["chunk_size"], c, h, w),
+            compressors=compressors(),
+            fill_value=0,
+            overwrite=True,
+        )
+        group.attrs.update({"images_complete": False})
+    group.attrs.update({"ready": True})
+    return Split(store, name)
+
+
+def array_names(loc: Location, prefix: str) -> set[str]:
+    """Names of the arrays and groups directly under ``prefix`` (those with a zarr.json)."""
+    return {n for n in loc.list_dir(prefix) if loc.exists(f"{prefix}/{n}/zarr.json")}
+
+
+def split_attrs(
+    labels, ids, fingerprint, image_shape, num_classes, class_names, dataset, chunk_size
+):
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0:
+        raise SatError(f"labels must be a non-empty 1-D array, got shape {labels.shape}")
+    if labels.dtype.kind not in "iu":
+        raise SatError(f"labels must be integers, got dtype {labels.dtype}")
+    labels = labels.astype(np.int64)
+    n = int(labels.shape[0])
+    if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise SatError(f"num_classes must be a positive integer, got {num_classes!r}")
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise SatError(f"label {int(labels[i])} at index {i} is outside [0, {num_classes})")
+    ids_list = []
+    for i in ids:
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (str, int, np.integer)):
+            raise SatError(f"sample ids must be strings (or integers), got {i!r}")
+        ids_list.append(str(i))
+    if len(ids_list) != n:
+        raise SatError(f"{len(ids_list)} ids given for {n} labels")
+    if len(set(ids_list)) != n:
+        seen: set[str] = set()
+        dup = next(i for i in ids_list if i in seen or seen.add(i))
+        raise SatError(f"sample id {dup!r} occurs more than once")
+    if not isinstance(fingerprint, str) or not fingerprint:
+        raise SatError(f"fingerprint must be a non-empty string, got {fingerprint!r}")
+    shape = tuple(int(s) for s in image_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise SatError(
+            f"image_shape must be (C, H, W) with positive sizes, got {tuple(image_shape)}"
+        )
+    if class_names is not None:
+        class_names = [str(c) for c in class_names]
+        if len(class_names) != num_classes:
+            raise SatError(f"{len(class_names)} class names given for {num_classes} classes")
+    if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise SatError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    attrs = {
+        "format_version": FORMAT_VERSION,
+        "n": n,
+        "fingerprint": fingerprint,
+        "ids_sha256": ids_digest(ids_list),
+        "image_shape": list(shape),
+        "num_classes": int(num_classes),
+        "class_names": class_names,
+        "chunk_size": int(chunk_size),
+        "dataset": jsonable(dict(dataset or {}), "dataset description"),
+    }
+    return labels, ids_list, attrs
+
+
+def create_split_arrays(
+    group: zarr.Group, labels: np.ndarray, ids: list[str], chunk_size: int
+) -> None:
+    n = labels.shape[0]
+    lab = group.create_array(
+        "labels",
+        shape=(n,),
+        dtype="int64",
+        chunks=(min(n, 1 << 20),),
+        compressors=compressors(),
+        fill_value=0,
+        overwrite=True,
+    )
+    lab[:] = labels
+    ida = group.create_array(
+        "ids",
+        shape=(n,),
+        dtype=str,
+        chunks=(min(n, 1 << 16),),
+        compressors=compressors(),
+        overwrite=True,
+    )
+    ida[:] = np.array(ids, dtype=object)
+    if "maps" not in group:
+        group.create_group("maps")
