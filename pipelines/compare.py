@@ -156,7 +156,7 @@ def _map_names(pres: dict[str, Any], teachers: dict[str, Path]) -> dict[str, str
 
 def _overlays(store: Path, names: list[str], out: Path) -> list[str]:
     """`sat cache show` grids of the first training samples for every cached map."""
-    from saliency_cache.cli import render_show
+    from saliency_cache.render import render_show
     from saliency_cache.store import SaliencyStore
 
     st = SaliencyStore.open(str(store), "r")

@@ -436,7 +436,12 @@ def create_map_arrays(group: zarr.Group, attrs: Mapping[str, Any]) -> None:
 
 
 def check_resume(
-    name: str, where: str, have: Mapping[str, Any], want: Mapping[str, Any], chunk_size, shard_chunks
+    name: str,
+    where: str,
+    have: Mapping[str, Any],
+    want: Mapping[str, Any],
+    chunk_size,
+    shard_chunks,
 ) -> None:
     """MismatchError unless the existing map ``name`` of ``where`` (attributes ``have``) can be resumed as
     ``want``; ``chunk_size``/``shard_chunks`` are the caller's explicit choices (or None)."""

@@ -101,6 +101,7 @@ __all__ = [
     "open_location",
     "package_version",
     "parse_manifest",
+    "resolve_map",
     "sanitize_map_name",
 ]
 
@@ -307,3 +308,35 @@ class SaliencyStore:
             chunk_size=chunk_size,
             with_images=with_images,
         )
+
+
+def resolve_map(
+    st: SaliencyStore, split_name: str | None, map_arg: str | None
+) -> tuple[Split, str | None]:
+    """``(Split, map name or None)`` from a ``--split`` choice and a ``MAP`` / ``SPLIT/MAP`` argument.
+
+    Without a split, the store's only split is taken, else ``train``; SatError otherwise.
+    MapNotFoundError if the map is not in the split (listing the maps that are).
+    """
+    map_name = map_arg
+    if map_arg is not None and "/" in map_arg:
+        given, map_name = map_arg.split("/", 1)
+        if split_name is not None and split_name != given:
+            raise SatError(f"map {map_arg!r} names split {given!r} but --split is {split_name!r}")
+        split_name = given
+    if split_name is None:
+        splits = st.splits()
+        if len(splits) == 1:
+            split_name = splits[0]
+        elif "train" in splits:
+            split_name = "train"
+        elif not splits:
+            raise SatError(f"store {st.url} has no splits")
+        else:
+            raise SatError(
+                f"store {st.url} has several splits; pick one with --split: {', '.join(splits)}"
+            )
+    sp = st.split(split_name)
+    if map_name is not None:
+        sp.require_map(map_name)
+    return sp, map_name
