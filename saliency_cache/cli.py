@@ -115,11 +115,13 @@ def _map_summary(sp, name: str) -> dict[str, Any]:
     try:
         r = sp.inspect_map(name)
         done = r.done_chunks()
+        damage = r.damage()
         return {
             "name": name,
             "encoding": r.encoding,
             "shape": list(r.shape),
-            "complete": bool(r.complete and done.all()),
+            "complete": bool(r.complete and done.all()) and damage is None,
+            "damaged": damage,
             "done_chunks": int(done.sum()),
             "n_chunks": r.n_chunks,
             "bytes_on_disk": r.nbytes_on_disk(),
@@ -148,9 +150,11 @@ def ls_cmd(store: str, storage_option: tuple[str, ...], as_json: bool) -> None:
             lines.append(f"split {name}: unreadable: {e}")
             continue
         maps = [_map_summary(sp, m) for m in sp.maps()]
+        damage = sp.damage()
         out["splits"].append(
             {
                 "name": name,
+                "damaged": damage,
                 "n": sp.n,
                 "fingerprint": sp.fingerprint,
                 "has_images": sp.has_images(),
@@ -163,6 +167,8 @@ def ls_cmd(store: str, storage_option: tuple[str, ...], as_json: bool) -> None:
             f"split {name}: n={sp.n} fingerprint={sp.fingerprint[:12]} "
             f"images={'yes' if sp.has_images() else 'no'} classes={sp.num_classes}"
         )
+        if damage is not None:
+            lines.append(f"  damaged: {damage}")
         for m in maps:
             if "error" in m:
                 lines.append(f"  {m['name']}: unreadable: {m['error']}")
@@ -172,6 +178,8 @@ def ls_cmd(store: str, storage_option: tuple[str, ...], as_json: bool) -> None:
                 if m["complete"]
                 else f"partial {m['done_chunks']}/{m['n_chunks']} chunks"
             )
+            if m["damaged"] is not None:
+                state = f"DAMAGED ({m['damaged']})"
             warn = "" if m["matches_split"] else "  [does not match the split]"
             lines.append(
                 f"  {m['name']}: {m['encoding']} {tuple(m['shape'])} {state} "
@@ -200,6 +208,7 @@ def info(
     sp, name = _resolve(_open(store, storage_option), split_name, map_name)
     r = sp.inspect_map(name)
     done = r.done_chunks()
+    damage = r.damage()
     out = {
         "split": sp.name,
         "map": name,
@@ -213,7 +222,8 @@ def info(
         "n_shards": r.n_shards,
         "packed_nbytes_per_sample": r.packed_nbytes,
         "done_chunks": int(done.sum()),
-        "complete": bool(r.complete and done.all()),
+        "complete": bool(r.complete and done.all()) and damage is None,
+        "damaged": damage,
         "bytes_on_disk": r.nbytes_on_disk(),
         "fingerprint": r.fingerprint,
         "ids_sha256": r.ids_sha256,
@@ -266,6 +276,7 @@ def stats(
 
     sp, name = _resolve(_open(store, storage_option), split_name, map_name)
     r = sp.inspect_map(name)
+    r.check_files()  # partial maps are counted over their written chunks; damaged ones refused
     done = r.done_chunks()
     order = [int(k) for k in np.flatnonzero(done)]
     counts = {-1: 0, 0: 0, 1: 0}

@@ -26,11 +26,12 @@ ZSTD_LEVEL = 3
 # What zarr/numcodecs raise when a chunk fails its checksum or does not decode.
 DECODE_ERRORS = (ValueError, RuntimeError, TypeError, EOFError, AssertionError)
 
-# Every kind of file a store holds, with where it lives (``<split>``, ``<map>``, ``<i>`` are
-# placeholders). Fault-injection tests are parametrised over this table, so a new kind of
-# file is added here and is then covered by them.
+# Every kind of file a store holds, as a key pattern: ``<node>`` is any group or array path
+# with its trailing "/" (empty for the root), ``<split>``, ``<map>`` and ``<i>`` (a chunk or
+# shard index) one path component each. Fault-injection tests are parametrised over this
+# table, so a new kind of file is listed here and is then covered by them.
 FILE_KINDS: dict[str, str] = {
-    "metadata": "zarr.json (root, split, map group and array metadata)",
+    "metadata": "<node>zarr.json",
     "map_shard": "<split>/maps/<map>/data/c/<i>/0",
     "done_flags": "<split>/maps/<map>/done/c/<i>",
     "images": "<split>/images/c/<i>/0/0/0",
@@ -58,17 +59,23 @@ def chunk_file_keys(arr: zarr.Array) -> list[str]:
     ]
 
 
-def wrap_meta(what: str, fn):
-    """Run ``fn``; turn zarr's missing-node and bad-metadata exceptions into SatErrors."""
+def wrap_meta(what: str, fn, file: str | None = None):
+    """Run ``fn``; turn zarr's missing-node and bad-metadata exceptions into SatErrors.
+
+    ``file`` (the metadata file ``fn`` reads, as a path or URL) is named in the message.
+    """
+    where = f" ({file})" if file else ""
     try:
         return fn()
     except SatError:
         raise
     except (KeyError, FileNotFoundError) as e:
+        if file:
+            raise MapNotFoundError(f"{what} does not exist: {file} is missing") from None
         raise MapNotFoundError(f"{what} does not exist ({e})") from None
     except Exception as e:  # corrupt JSON, invalid zarr metadata, wrong node type ...
         raise StoreFormatError(
-            f"cannot read the metadata of {what}: {type(e).__name__}: {e}"
+            f"cannot read the metadata of {what}{where}: {type(e).__name__}: {e}"
         ) from None
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,6 +23,7 @@ from saliency_cache.encoding import ENCODINGS, invalid_bytes, pack, packed_nbyte
 from saliency_cache.errors import (
     CorruptChunkError,
     MismatchError,
+    MissingChunkError,
     SatError,
     StoreFormatError,
 )
@@ -31,6 +32,7 @@ from saliency_cache.layout import (
     FORMAT_VERSION,
     check_indices,
     check_range,
+    chunk_file_keys,
     compressors,
     req_attr,
     wrap_meta,
@@ -77,8 +79,10 @@ class MapBase:
         self.n_chunks = math.ceil(self.n / self.chunk_size)
         self.n_shards = math.ceil(self.n_chunks / self.shard_chunks)
         self.packed_nbytes = packed_nbytes(self.shape, self.encoding)
-        self._data = wrap_meta(f"data of {w}", lambda: self._group["data"])
-        self._done = wrap_meta(f"done of {w}", lambda: self._group["done"])
+        meta = f"{split.store.url}/{split.map_key(name)}/{{}}/zarr.json"
+        self._data = wrap_meta(f"data of {w}", lambda: self._group["data"], meta.format("data"))
+        self._done = wrap_meta(f"done of {w}", lambda: self._group["done"], meta.format("done"))
+        self._files_ok: set[int] = set()  # shards whose file this handle has seen
         if tuple(self._data.shape) != (self.n, self.packed_nbytes) or self._data.dtype != np.uint8:
             raise StoreFormatError(
                 f"{w}: data is {self._data.dtype} {tuple(self._data.shape)}, attributes say "
@@ -148,7 +152,84 @@ class MapBase:
                 ) from None
         return flags
 
+    # ---- chunk files ----
+    def shard_files(self) -> list[str]:
+        """Store keys of the data shard files; file ``s`` holds :meth:`chunks_of_shard` ``(s)``."""
+        return chunk_file_keys(self._data)
+
+    def lost_chunks(self, shards: Iterable[int] | None = None) -> dict[int, str]:
+        """``{chunk: shard file key}`` of the chunks marked done whose shard file is gone.
+
+        Checks ``shards`` (default: all) with one existence check per shard file not yet
+        seen by this handle; done flags are read only for shards whose file is missing.
+        """
+        todo = [s for s in (range(self.n_shards) if shards is None else shards)]
+        todo = [s for s in dict.fromkeys(todo) if s not in self._files_ok]
+        if not todo:
+            return {}
+        keys = self.shard_files()
+        gone = set(self.split.store.location.missing([keys[s] for s in todo]))
+        lost: dict[int, str] = {}
+        for s in todo:
+            if keys[s] not in gone:
+                self._files_ok.add(s)
+                continue
+            ks = self.chunks_of_shard(s)
+            done = self._done_of(ks.start, ks.stop)
+            lost.update({ks.start + int(j): keys[s] for j in np.flatnonzero(done)})
+        return lost
+
+    def lost_done_files(self) -> list[str]:
+        """Keys of the ``done`` files missing from a map marked complete (every chunk of a
+        complete map has its flag set, so each of its done files was written)."""
+        if not self.complete:
+            return []
+        return self.split.store.location.missing(chunk_file_keys(self._done))
+
+    def damage(self) -> str | None:
+        """One line naming the first lost file (done flags of a complete map, or a shard
+        holding chunks marked done), or None if every such file is there."""
+        url = self.split.store.url
+        done_gone = self.lost_done_files()
+        if done_gone:
+            return (
+                f"{self._what}: done flags file {url}/{done_gone[0]} is missing, but the map "
+                "is marked complete; restore the store from a good copy"
+            )
+        lost = self.lost_chunks()
+        if not lost:
+            return None
+        key = next(iter(lost.values()))
+        ks = [k for k, v in lost.items() if v == key]
+        more = len(set(lost.values())) - 1
+        return (
+            f"{self._what}: shard file {url}/{key} is missing, with {len(ks)} chunks marked "
+            f"written ({ks[0]}..{ks[-1]})"
+            + (f" (and {more} more shard files)" if more else "")
+            + "; restore it from a good copy, or run the precompute again (it recomputes them)"
+        )
+
+    def check_files(self) -> None:
+        """MissingChunkError naming the first lost file (see :meth:`damage`)."""
+        msg = self.damage()
+        if msg is not None:
+            raise MissingChunkError(msg)
+
+    def _require_shards_of(self, s: int, e: int) -> None:
+        """Refuse to read samples ``[s, e)`` if a chunk marked done there has lost its file."""
+        per = self.chunk_size * self.shard_chunks
+        shards = range(s // per, (e - 1) // per + 1) if e > s else range(0)
+        if any(sh not in self._files_ok for sh in shards) and self.lost_chunks(shards):
+            self.check_files()
+
+    def _done_of(self, c0: int, c1: int) -> np.ndarray:
+        try:
+            return np.asarray(self._done[c0:c1]) != 0
+        except DECODE_ERRORS:
+            return self.done_chunks()[c0:c1]  # raises CorruptChunkError naming the flags
+
     def _read_packed(self, s: int, e: int) -> np.ndarray:
+        self._require_shards_of(s, e)
         try:
             return np.asarray(self._data[s:e])
         except DECODE_ERRORS:
@@ -205,6 +286,10 @@ class MapReader(MapBase):
         if a.size == 0:
             return np.zeros((0, self.packed_nbytes), dtype=np.uint8)
         u, inv = np.unique(a, return_inverse=True)
+        per = self.chunk_size * self.shard_chunks
+        shards = [int(s) for s in np.unique(u // per) if int(s) not in self._files_ok]
+        if shards and self.lost_chunks(shards):
+            self.check_files()
         try:
             rows = np.asarray(self._data.get_orthogonal_selection((u, slice(None))))
         except DECODE_ERRORS:
@@ -287,8 +372,11 @@ class MapWriter(MapBase):
         self.split.store.require_writable(what)
 
     def pending_chunks(self) -> list[int]:
-        """Chunks not written yet, ascending."""
-        return [int(k) for k in np.flatnonzero(~self.done_chunks())]
+        """Chunks not written yet, ascending: never written, or marked done but their shard
+        file is gone (so a new precompute run recomputes lost chunks)."""
+        pending = ~self.done_chunks()
+        pending[list(self.lost_chunks())] = True
+        return [int(k) for k in np.flatnonzero(pending)]
 
     def write_chunk(self, k: int, values: np.ndarray) -> None:
         """Pack and write chunk ``k``: int8 (rows of chunk k, C|1, H, W) in {-1,+1} / {-1,0,+1}.
@@ -351,7 +439,11 @@ class MapWriter(MapBase):
                     f"this writer owns shards {sorted(self._shards)} of {self._what}, not {sorted(outside)}"
                 )
         packed = get_packed()
-        done = self._done_range(k0, k1)
+        done = self._done_of(k0, k1)
+        lost = self.lost_chunks(range(k0 // self.shard_chunks, (k1 - 1) // self.shard_chunks + 1))
+        if lost:
+            self._forget_lost(lost, k0, k1)
+            done[[k - k0 for k in lost if k0 <= k < k1]] = False
         rewrite = not done.all()
         for j in np.flatnonzero(done):
             k = k0 + int(j)
@@ -372,11 +464,16 @@ class MapWriter(MapBase):
         # Only after the data is in place: a killed writer never leaves a done flag without data.
         self._done[k0:k1] = 1
 
-    def _done_range(self, k0: int, k1: int) -> np.ndarray:
-        try:
-            return np.asarray(self._done[k0:k1]) != 0
-        except DECODE_ERRORS:
-            return self.done_chunks()[k0:k1]  # raises CorruptChunkError naming the flags
+    def _forget_lost(self, lost: Mapping[int, str], k0: int, k1: int) -> None:
+        """Chunks marked done whose shard file is gone are not written: clear the flags of
+        those this write (chunks ``[k0, k1)``) does not cover, before the shard is written
+        again, so the new file never holds a chunk flagged done without its data."""
+        if self.complete:
+            self._group.attrs.update({"complete": False})
+            self.complete = False
+        for k in lost:
+            if not k0 <= k < k1:
+                self._done[k] = 0
 
     def reset_chunks(self, chunks: Sequence[int]) -> None:
         """Clear the done flags of ``chunks`` (e.g. ones ``verify`` found corrupt) so they are recomputed."""
@@ -396,7 +493,7 @@ class MapWriter(MapBase):
         self._require_open("finalize")
         if self.attached:
             raise SatError("an attached writer cannot finalize; the lock holder does")
-        complete = bool(self.done_chunks().all())
+        complete = bool(self.done_chunks().all()) and not self.lost_chunks()
         if complete != self.complete:
             self._group.attrs.update({"complete": complete})
             self.complete = complete

@@ -31,6 +31,7 @@ def render_show(
     """
     sp, name = resolve_map(st, split_name, map_name)
     r = sp.inspect_map(name)
+    r.check_files()  # a lost shard or done flags file would draw as fill values
     for i in indices:
         if not 0 <= i < sp.n:
             raise SatError(f"--index {i} is outside split {sp.name!r} of {sp.n} samples")

@@ -23,6 +23,7 @@ from saliency_cache.errors import (
     IncompleteMapError,
     MapNotFoundError,
     MismatchError,
+    MissingChunkError,
     SatError,
     StoreFormatError,
     WriterLockedError,
@@ -33,6 +34,7 @@ from saliency_cache.layout import (
     FORMAT_VERSION,
     check_indices,
     check_range,
+    chunk_file_keys,
     compressors,
     req_attr,
     wrap_meta,
@@ -66,7 +68,7 @@ class Split:
         self.name = name
         self._loc = store.location
         what = f"split {name!r} of {store.url}"
-        self._group = wrap_meta(what, lambda: store.root[name])
+        self._group = wrap_meta(what, lambda: store.root[name], f"{store.url}/{name}/zarr.json")
         if not isinstance(self._group, zarr.Group):
             raise StoreFormatError(f"{what} is an array, not a group")
         a = self._group.attrs.asdict()
@@ -80,6 +82,7 @@ class Split:
         self.dataset = a.get("dataset") or {}
         self.ready = bool(a.get("ready", True))
         self._images_complete = bool(a.get("images_complete", False))
+        self._files_ok: set[str] = set()  # arrays whose chunk files were all found
         if len(self.image_shape) != 3 or self.n < 1 or self.chunk_size < 1:
             raise StoreFormatError(
                 f"{what} has malformed attributes n={self.n}, "
@@ -101,7 +104,11 @@ class Split:
     def array(self, name: str) -> zarr.Array:
         """The raw zarr array ``name`` (``labels``, ``ids``, ``images``), for integrity tools:
         reading it bypasses this handle's checks. SatError if it is absent or unreadable."""
-        return wrap_meta(f"{name} of {self._what()}", lambda: self._group[name])
+        return wrap_meta(
+            f"{name} of {self._what()}",
+            lambda: self._group[name],
+            f"{self.store.url}/{self.name}/{name}/zarr.json",
+        )
 
     def _read(self, arr_name: str, fn):
         try:
@@ -111,13 +118,71 @@ class Split:
         except DECODE_ERRORS as e:
             raise CorruptChunkError(f"{arr_name} of {self._what()} failed to decode: {e}") from None
 
+    # ---- chunk files ----
+    def missing_files(self, array: str) -> list[tuple[int, int, str]]:
+        """``(first sample, stop sample, key)`` of every chunk file of ``array`` that is not there.
+
+        ``labels`` and ``ids`` are written whole when the split is created, and ``images``
+        before it is marked complete, so once those are done every chunk file must exist.
+        """
+        arr = self.array(array)
+        keys = chunk_file_keys(arr)
+        gone = set(self._loc.missing(keys))
+        step = (arr.shards or arr.chunks)[0]
+        return [(i * step, min((i + 1) * step, self.n), k) for i, k in enumerate(keys) if k in gone]
+
+    def damage(self, images: bool = True) -> str | None:
+        """One line naming the first lost chunk file of ``labels``, ``ids`` and (with ``images``,
+        once they are marked complete) ``images``; None if every file is there."""
+        arrays = ["labels", "ids"]
+        if images and self._images_complete_attr() and self.has_images_array():
+            arrays.append("images")
+        for name in arrays:
+            msg = self._lost_message(name)
+            if msg is not None:
+                return msg
+        return None
+
+    def check_files(self, images: bool = True) -> None:
+        """MissingChunkError naming the first lost chunk file (see :meth:`damage`).
+
+        Reads check their array's files on first use anyway; this checks them all up front
+        (training calls it before the first step).
+        """
+        msg = self.damage(images)
+        if msg is not None:
+            raise MissingChunkError(msg)
+
+    def _lost_message(self, name: str) -> str | None:
+        if name in self._files_ok:
+            return None
+        gone = self.missing_files(name)
+        if not gone:
+            self._files_ok.add(name)
+            return None
+        s, e, key = gone[0]
+        more = f" (and {len(gone) - 1} more files)" if len(gone) > 1 else ""
+        return (
+            f"{name} of {self._what()}: chunk file {self.store.url}/{key} (samples {s}..{e - 1}) "
+            f"is missing{more}; zarr would read it as fill values. Restore the store from a "
+            "good copy"
+        )
+
+    def _require_files(self, name: str) -> None:
+        msg = self._lost_message(name)
+        if msg is not None:
+            raise MissingChunkError(msg)
+
+    # ---- labels and ids ----
     def labels(self) -> np.ndarray:
         """int64 (N,) class indices."""
+        self._require_files("labels")
         arr = self.array("labels")
         return self._read("labels", lambda: np.asarray(arr[:], dtype=np.int64))
 
     def ids(self) -> list[str]:
         """The N sample ids, as strings."""
+        self._require_files("ids")
         arr = self.array("ids")
         return self._read("ids", lambda: [str(x) for x in arr[:].tolist()])
 
@@ -125,12 +190,15 @@ class Split:
     def has_images_array(self) -> bool:
         return self._loc.exists(f"{self.name}/images/zarr.json")  # no listing: works over HTTP
 
-    def images_complete(self) -> bool:
-        """True once :meth:`mark_images_complete` ran (re-read from the store)."""
+    def _images_complete_attr(self) -> bool:
         if not self._images_complete:
             a = wrap_meta(self._what(), lambda: self.store.root[self.name]).attrs.asdict()
             self._images_complete = bool(a.get("images_complete", False))
-        return self._images_complete and self.has_images_array()
+        return self._images_complete
+
+    def images_complete(self) -> bool:
+        """True once :meth:`mark_images_complete` ran (re-read from the store)."""
+        return self._images_complete_attr() and self.has_images_array()
 
     def has_images(self) -> bool:
         """True if the split holds a completely written ``images`` array."""
@@ -164,13 +232,15 @@ class Split:
             raise SatError(
                 f"image writes must cover whole chunks of {self.chunk_size}: got [{s}, {e}) of {self.n}"
             )
-        self.array("images")[s:e] = images
+        # Every chunk gets its file, even an all-zero one: an absent file means a lost chunk.
+        self.array("images").with_config({"write_empty_chunks": True})[s:e] = images
 
     def _images_for_read(self) -> zarr.Array:
         if not self.has_images_array():
             raise SatError(f"{self._what()} holds no images")
         if not self.images_complete():
             raise IncompleteMapError(f"the images of {self._what()} were not completely written")
+        self._require_files("images")
         return self.array("images")
 
     def read_images(self, start: int, stop: int) -> np.ndarray:
@@ -207,7 +277,11 @@ class Split:
         return name
 
     def map_group(self, name: str) -> zarr.Group:
-        g = wrap_meta(f"map {name!r} of {self._what()}", lambda: self._group[f"maps/{name}"])
+        g = wrap_meta(
+            f"map {name!r} of {self._what()}",
+            lambda: self._group[f"maps/{name}"],
+            f"{self.store.url}/{self.map_key(name)}/zarr.json",
+        )
         if not isinstance(g, zarr.Group):
             raise StoreFormatError(f"map {name!r} of {self._what()} is not a group")
         return g
@@ -342,6 +416,7 @@ class Split:
             MismatchError: the map's recorded n / ids_sha256 / fingerprint differ from the
                 split's or from ``expect_*`` (both values quoted).
             IncompleteMapError: chunks are missing and ``allow_partial`` is False.
+            MissingChunkError: a file of a chunk marked written (a shard, done flags) is gone.
         """
         self.require_map(name)
         r = MapReader(self, name)
@@ -362,6 +437,7 @@ class Split:
         for key, mine, theirs, whose in pairs:
             if mine != theirs:
                 raise MismatchError(f"{what} has {key} {mine!r} but {whose} has {theirs!r}")
+        r.check_files()  # a chunk marked written must have its file, partial map or not
         if not allow_partial:
             done = r.done_chunks()
             if not (r.complete and done.all()):
@@ -524,7 +600,8 @@ def create_split_arrays(
         fill_value=0,
         overwrite=True,
     )
-    lab[:] = labels
+    # Every chunk gets its file (an all-zero labels chunk too): an absent file is a lost chunk.
+    lab.with_config({"write_empty_chunks": True})[:] = labels
     ida = group.create_array(
         "ids",
         shape=(n,),
@@ -533,6 +610,6 @@ def create_split_arrays(
         compressors=compressors(),
         overwrite=True,
     )
-    ida[:] = np.array(ids, dtype=object)
+    ida.with_config({"write_empty_chunks": True})[:] = np.array(ids, dtype=object)
     if "maps" not in group:
         group.create_group("maps")
