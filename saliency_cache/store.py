@@ -32,6 +32,7 @@ import zarr
 
 from saliency_cache.errors import (
     MapNotFoundError,
+    MismatchError,
     ReadOnlyError,
     SatError,
     StoreFormatError,
@@ -44,6 +45,7 @@ from saliency_cache.layout import (
     FORMAT,
     FORMAT_VERSION,
     ZSTD_LEVEL,
+    compressors,
     wrap_meta,
 )
 from saliency_cache.location import (
@@ -63,14 +65,16 @@ from saliency_cache.names import (
     TARGET_RULES,
     TEACHER_MODES,
     Provenance,
+    check_split_name,
     ids_digest,
+    jsonable,
     map_name_from_provenance,
     normalize_provenance,
     package_version,
     plain_name,
     sanitize_map_name,
 )
-from saliency_cache.split import Split, create_split
+from saliency_cache.split import Split, array_names
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -308,6 +312,147 @@ class SaliencyStore:
             chunk_size=chunk_size,
             with_images=with_images,
         )
+
+
+# ---- creating a split ----------------------------------------------------------------------
+def create_split(
+    store: SaliencyStore,
+    name: str,
+    *,
+    labels: np.ndarray,
+    ids: Sequence[str],
+    fingerprint: str,
+    image_shape: tuple[int, int, int],
+    num_classes: int,
+    class_names: list[str] | None,
+    dataset: dict | None,
+    chunk_size: int,
+    with_images: bool,
+) -> Split:
+    """The work of :meth:`SaliencyStore.create_split` (see there), on a writable store."""
+    check_split_name(name)
+    labels, ids_list, attrs = split_attrs(
+        labels, ids, fingerprint, image_shape, num_classes, class_names, dataset, chunk_size
+    )
+    if store.location.exists(f"{name}/zarr.json"):
+        sp = Split(store, name, allow_unready=True)
+        if (
+            sp.n != attrs["n"]
+            or sp.fingerprint != fingerprint
+            or sp.ids_sha256 != attrs["ids_sha256"]
+        ):
+            raise MismatchError(
+                f"split {name!r} of {store.url} holds other data: fingerprint "
+                f"{sp.fingerprint} (n={sp.n}) vs the given {fingerprint} (n={attrs['n']})"
+            )
+        if sp.image_shape != tuple(attrs["image_shape"]) or sp.num_classes != num_classes:
+            raise MismatchError(
+                f"split {name!r} has image_shape {sp.image_shape} and {sp.num_classes} classes, "
+                f"given {tuple(attrs['image_shape'])} and {num_classes}"
+            )
+        if sp.ready and (not with_images or sp.has_images_array()):
+            return sp
+        group = sp._group
+    else:
+        group = store.root.create_group(name, attributes={**attrs, "ready": False})
+    if not group.attrs.get("ready", False):
+        create_split_arrays(group, labels, ids_list, attrs["chunk_size"])
+    if with_images and "images" not in array_names(store.location, name):
+        c, h, w = attrs["image_shape"]
+        group.create_array(
+            "images",
+            shape=(attrs["n"], c, h, w),
+            dtype="uint8",
+            chunks=(attrs["chunk_size"], c, h, w),
+            compressors=compressors(),
+            fill_value=0,
+            overwrite=True,
+        )
+        group.attrs.update({"images_complete": False})
+    group.attrs.update({"ready": True})
+    return Split(store, name)
+
+
+def split_attrs(
+    labels, ids, fingerprint, image_shape, num_classes, class_names, dataset, chunk_size
+):
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0:
+        raise SatError(f"labels must be a non-empty 1-D array, got shape {labels.shape}")
+    if labels.dtype.kind not in "iu":
+        raise SatError(f"labels must be integers, got dtype {labels.dtype}")
+    labels = labels.astype(np.int64)
+    n = int(labels.shape[0])
+    if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise SatError(f"num_classes must be a positive integer, got {num_classes!r}")
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise SatError(f"label {int(labels[i])} at index {i} is outside [0, {num_classes})")
+    ids_list = []
+    for i in ids:
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (str, int, np.integer)):
+            raise SatError(f"sample ids must be strings (or integers), got {i!r}")
+        ids_list.append(str(i))
+    if len(ids_list) != n:
+        raise SatError(f"{len(ids_list)} ids given for {n} labels")
+    if len(set(ids_list)) != n:
+        seen: set[str] = set()
+        dup = next(i for i in ids_list if i in seen or seen.add(i))
+        raise SatError(f"sample id {dup!r} occurs more than once")
+    if not isinstance(fingerprint, str) or not fingerprint:
+        raise SatError(f"fingerprint must be a non-empty string, got {fingerprint!r}")
+    shape = tuple(int(s) for s in image_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise SatError(
+            f"image_shape must be (C, H, W) with positive sizes, got {tuple(image_shape)}"
+        )
+    if class_names is not None:
+        class_names = [str(c) for c in class_names]
+        if len(class_names) != num_classes:
+            raise SatError(f"{len(class_names)} class names given for {num_classes} classes")
+    if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise SatError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    attrs = {
+        "format_version": FORMAT_VERSION,
+        "n": n,
+        "fingerprint": fingerprint,
+        "ids_sha256": ids_digest(ids_list),
+        "image_shape": list(shape),
+        "num_classes": int(num_classes),
+        "class_names": class_names,
+        "chunk_size": int(chunk_size),
+        "dataset": jsonable(dict(dataset or {}), "dataset description"),
+    }
+    return labels, ids_list, attrs
+
+
+def create_split_arrays(
+    group: zarr.Group, labels: np.ndarray, ids: list[str], chunk_size: int
+) -> None:
+    n = labels.shape[0]
+    lab = group.create_array(
+        "labels",
+        shape=(n,),
+        dtype="int64",
+        chunks=(min(n, 1 << 20),),
+        compressors=compressors(),
+        fill_value=0,
+        overwrite=True,
+    )
+    # Every chunk gets its file (an all-zero labels chunk too): an absent file is a lost chunk.
+    lab.with_config({"write_empty_chunks": True})[:] = labels
+    ida = group.create_array(
+        "ids",
+        shape=(n,),
+        dtype=str,
+        chunks=(min(n, 1 << 16),),
+        compressors=compressors(),
+        overwrite=True,
+    )
+    ida.with_config({"write_empty_chunks": True})[:] = np.array(ids, dtype=object)
+    if "maps" not in group:
+        group.create_group("maps")
 
 
 def resolve_map(
