@@ -243,3 +243,20 @@ def test_all_zero_chunks_still_get_their_files(tmp_path):
     sp.check_files()
     assert sp.open_map("m").read(0, 8).min() == -1
     assert verify(SaliencyStore.open(tmp_path / "z.zarr")) == []
+
+
+def test_file_checks_cost_nothing_per_batch(pristine, monkeypatch):
+    """The chunk-file checks run once per file and handle: an epoch in batches of 2 asks as
+    many existence questions as one in batches of 32."""
+    from saliency_cache.location import LocalLocation
+
+    asked = []
+    real = LocalLocation.exists
+    monkeypatch.setattr(LocalLocation, "exists", lambda self, key: asked.append(key) or real(self, key))
+    counts = {}
+    for batch in (2, 32):
+        asked.clear()
+        stream = StoreStream(str(pristine), "train", [MASK, MAP], batch_size=batch, seed=0)
+        assert sum(b.images.shape[0] for b in stream.epoch_batches(0)) == 64
+        counts[batch] = len([k for k in asked if "/c/" in k])
+    assert counts[2] == counts[32] > 0
