@@ -119,6 +119,18 @@ class Location(ABC):
         buf = sync(self.zstore.get(key, prototype=default_buffer_prototype()))
         return None if buf is None else buf.to_bytes()
 
+    def get_suffix(self, key: str, n: int) -> bytes | None:
+        """The last ``n`` bytes of file ``key`` (all of it if shorter), or None if absent."""
+        from zarr.abc.store import SuffixByteRequest
+        from zarr.core.buffer import default_buffer_prototype
+
+        buf = sync(
+            self.zstore.get(
+                key, prototype=default_buffer_prototype(), byte_range=SuffixByteRequest(n)
+            )
+        )
+        return None if buf is None else buf.to_bytes()
+
     @abstractmethod
     def du(self, prefix: str) -> int:
         """Bytes on disk under ``prefix`` (the sum of file sizes)."""

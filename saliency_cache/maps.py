@@ -82,7 +82,8 @@ class MapBase:
         meta = f"{split.store.url}/{split.map_key(name)}/{{}}/zarr.json"
         self._data = wrap_meta(f"data of {w}", lambda: self._group["data"], meta.format("data"))
         self._done = wrap_meta(f"done of {w}", lambda: self._group["done"], meta.format("done"))
-        self._files_ok: set[int] = set()  # shards whose file this handle has seen
+        self._files_ok: set[int] = set()  # shards this handle found holding their done chunks
+        self._gone: set[str] = set()  # shard files found missing
         if tuple(self._data.shape) != (self.n, self.packed_nbytes) or self._data.dtype != np.uint8:
             raise StoreFormatError(
                 f"{w}: data is {self._data.dtype} {tuple(self._data.shape)}, attributes say "
@@ -158,10 +159,13 @@ class MapBase:
         return chunk_file_keys(self._data)
 
     def lost_chunks(self, shards: Iterable[int] | None = None) -> dict[int, str]:
-        """``{chunk: shard file key}`` of the chunks marked done whose shard file is gone.
+        """``{chunk: shard file key}`` of the chunks marked done that their shard lacks: the
+        shard file is gone (:meth:`lost_reason`), or its index lists no such chunk (an older
+        copy of the file put back).
 
-        Checks ``shards`` (default: all) with one existence check per shard file not yet
-        seen by this handle; done flags are read only for shards whose file is missing.
+        Checks ``shards`` (default: all) once per handle: one existence check per shard file
+        and one read of each present shard's index (16 bytes per chunk, at the file's end);
+        done flags are read only for shards found lacking chunks.
         """
         todo = [s for s in (range(self.n_shards) if shards is None else shards)]
         todo = [s for s in dict.fromkeys(todo) if s not in self._files_ok]
@@ -169,15 +173,44 @@ class MapBase:
             return {}
         keys = self.shard_files()
         gone = set(self.split.store.location.missing([keys[s] for s in todo]))
+        self._gone = (self._gone - {keys[s] for s in todo}) | gone
         lost: dict[int, str] = {}
         for s in todo:
-            if keys[s] not in gone:
-                self._files_ok.add(s)
-                continue
             ks = self.chunks_of_shard(s)
+            if keys[s] in gone:
+                held = np.zeros(len(ks), dtype=bool)
+            else:
+                held = self._indexed_chunks(keys[s], len(ks))
+                if held.all():
+                    self._files_ok.add(s)
+                    continue
             done = self._done_of(ks.start, ks.stop)
-            lost.update({ks.start + int(j): keys[s] for j in np.flatnonzero(done)})
+            found = {ks.start + int(j): keys[s] for j in np.flatnonzero(done & ~held)}
+            lost.update(found)
+            if not found:
+                self._files_ok.add(s)  # only unwritten chunks are absent (a partial map)
         return lost
+
+    def lost_reason(self, key: str) -> str:
+        """Why the shard file ``key`` lacks chunks, for messages."""
+        if key in self._gone:
+            return "is missing"
+        return "does not hold them (an older copy of the file?)"
+
+    def _indexed_chunks(self, key: str, n: int) -> np.ndarray:
+        """bool (n,): which of the shard's first ``n`` chunks its index lists. All True when
+        the index does not pass its crc32c: reading the shard then reports it as corrupt."""
+        import google_crc32c  # zarr's crc32c codec uses it
+
+        size = 16 * self.shard_chunks + 4  # (offset, nbytes) uint64 per chunk, then crc32c
+        raw = self.split.store.location.get_suffix(key, size)
+        if raw is None or len(raw) != size:
+            return np.ones(n, dtype=bool)
+        body, crc = raw[:-4], raw[-4:]
+        if np.uint32(google_crc32c.value(body)).tobytes() != crc:
+            return np.ones(n, dtype=bool)
+        index = np.frombuffer(body, dtype="<u8").reshape(-1, 2)[:n]
+        return ~(index == np.iinfo(np.uint64).max).all(axis=1)
 
     def lost_done_files(self) -> list[str]:
         """Keys of the ``done`` files missing from a map marked complete (every chunk of a
@@ -203,8 +236,8 @@ class MapBase:
         ks = [k for k, v in lost.items() if v == key]
         more = len(set(lost.values())) - 1
         return (
-            f"{self._what}: shard file {url}/{key} is missing, with {len(ks)} chunks marked "
-            f"written ({ks[0]}..{ks[-1]})"
+            f"{self._what}: shard file {url}/{key} {self.lost_reason(key)}, with {len(ks)} "
+            f"chunks marked written ({ks[0]}..{ks[-1]})"
             + (f" (and {more} more shard files)" if more else "")
             + "; restore it from a good copy, or run the precompute again (it recomputes them)"
         )

@@ -434,21 +434,27 @@ class Split:
         for key, mine, theirs, whose in pairs:
             if mine != theirs:
                 raise MismatchError(f"{what} has {key} {mine!r} but {whose} has {theirs!r}")
-        r.check_files()  # a chunk marked written must have its file, partial map or not
-        if not allow_partial:
-            done = r.done_chunks()
-            if not (r.complete and done.all()):
-                missing = np.flatnonzero(~done)
-                if missing.size == 0:
-                    raise IncompleteMapError(
-                        f"{what} was never finalized (every chunk is written; run finalize())"
-                    )
-                first = ", ".join(str(int(k)) for k in missing[:5])
-                raise IncompleteMapError(
-                    f"{what} is incomplete: {missing.size} of {r.n_chunks} chunks missing "
-                    f"(first: {first}); finish the precompute or pass allow_partial"
-                )
+        # An unfinished map is refused as such; a finished one (or any, with allow_partial)
+        # must have the file of every chunk marked written.
+        if not allow_partial and not r.complete:
+            self._refuse_incomplete(r, what)
+        r.check_files()
+        if not allow_partial and not r.done_chunks().all():
+            self._refuse_incomplete(r, what)
         return r
+
+    @staticmethod
+    def _refuse_incomplete(r: MapReader, what: str) -> None:
+        missing = np.flatnonzero(~r.done_chunks())
+        if missing.size == 0:
+            raise IncompleteMapError(
+                f"{what} was never finalized (every chunk is written; run finalize())"
+            )
+        first = ", ".join(str(int(k)) for k in missing[:5])
+        raise IncompleteMapError(
+            f"{what} is incomplete: {missing.size} of {r.n_chunks} chunks missing "
+            f"(first: {first}); finish the precompute or pass allow_partial"
+        )
 
     def inspect_map(self, name: str) -> MapReader:
         """A reader without the completeness and data checks of :meth:`open_map` (for inspection tools)."""

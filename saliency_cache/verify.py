@@ -268,7 +268,7 @@ def _check_map(sp: Split, name: str) -> list[Problem]:
         ks = [k for k, v in lost.items() if v == key]
         add(
             "lost",
-            f"shard file {url}/{key} is missing, with {len(ks)} chunks marked written "
+            f"shard file {url}/{key} {r.lost_reason(key)}, with {len(ks)} chunks marked written "
             f"({ks[0]}..{ks[-1]})",
             ks[0],
         )

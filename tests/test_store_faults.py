@@ -260,3 +260,32 @@ def test_file_checks_cost_nothing_per_batch(pristine, monkeypatch):
         assert sum(b.images.shape[0] for b in stream.epoch_batches(0)) == 64
         counts[batch] = len([k for k in asked if "/c/" in k])
     assert counts[2] == counts[32] > 0
+
+
+def test_an_older_copy_of_a_shard_is_refused(tmp_path):
+    """A shard file put back from before its last write holds fewer chunks than the done
+    flags say: the missing chunk is named instead of reading as zeros."""
+    st = SaliencyStore.open(tmp_path / "z.zarr", "w")
+    sp = st.create_split(
+        "train", labels=np.zeros(8, np.int64), ids=[str(i) for i in range(8)], fingerprint="f",
+        image_shape=(1, 4, 4), num_classes=2, chunk_size=4,
+    )
+    values = np.where(np.arange(8 * 16).reshape(8, 1, 4, 4) % 3 == 0, 1, -1).astype(np.int8)
+    shard = tmp_path / "z.zarr" / "train" / "maps" / "m" / "data" / "c" / "0" / "0"
+    with sp.create_map("m", provenance={"source": "box"}, encoding="binary", channels=1,
+                       shard_chunks=2) as w:
+        w.write_chunk(0, values[:4])
+        old = shard.read_bytes()  # holds chunk 0 only
+        w.write_chunk(1, values[4:])
+        assert w.finalize()
+    shard.write_bytes(old)
+    with pytest.raises(MissingChunkError, match=r"does not hold them.*chunks marked written \(1\.\.1\)"):
+        SaliencyStore.open(tmp_path / "z.zarr").split("train").open_map("m")
+    problems = verify(SaliencyStore.open(tmp_path / "z.zarr"))
+    assert [(p.kind, p.chunk) for p in problems] == [("lost", 1)], problems
+    with SaliencyStore.open(tmp_path / "z.zarr", "a").split("train").open_map_writer("m") as w:
+        assert w.pending_chunks() == [1]
+        w.write_chunk(1, values[4:])
+        assert w.finalize()
+    r = SaliencyStore.open(tmp_path / "z.zarr").split("train").open_map("m")
+    np.testing.assert_array_equal(r.read(0, 8), values)
