@@ -355,7 +355,7 @@ def _experiment(cfg: CompareConfig, jobs: list[StudentJob]) -> dict[str, Any]:
 
 def _overlays(store: Path, names: list[str], out: Path) -> list[str]:
     """`sat cache show` grids of the first training samples for every cached map."""
-    from saliency_cache.cli import render_show
+    from saliency_cache.render import render_show
     from saliency_cache.store import SaliencyStore
 
     st = SaliencyStore.open(str(store), "r")

@@ -7,7 +7,10 @@ Only numpy, zarr and numcodecs are needed to read a store (no torch)::
     maps = split.open_map("resnet10-adv-gbp", expect_ids=my_ids).read(0, 128)  # int8 (128, 3, 32, 32)
 
 The names below are imported lazily, so ``import saliency_cache.errors`` stays cheap.
-Integrity checks: ``from saliency_cache.verify import verify``.
+Integrity checks: ``from saliency_cache.verify import verify``. Modules: ``store`` (SaliencyStore,
+and re-exports of the rest), ``names`` (names, provenance), ``layout`` (format constants,
+file kinds), ``location`` (local / fsspec backends), ``lock`` (writer lock), ``split``,
+``maps`` (readers, writers), ``verify``, ``copy``, ``render`` (pictures), ``cli`` (click).
 """
 
 from __future__ import annotations
@@ -24,6 +27,13 @@ _EXPORTS = {
     "ids_digest": "saliency_cache.store",
     "map_name_from_provenance": "saliency_cache.store",
     "sanitize_map_name": "saliency_cache.store",
+    "resolve_map": "saliency_cache.store",
+    "DEFAULT_CHUNK_SIZE": "saliency_cache.layout",
+    "DEFAULT_SHARD_CHUNKS": "saliency_cache.layout",
+    "FILE_KINDS": "saliency_cache.layout",
+    "Location": "saliency_cache.location",
+    "open_location": "saliency_cache.location",
+    "render_show": "saliency_cache.render",
     "pack": "saliency_cache.encoding",
     "unpack": "saliency_cache.encoding",
     "packed_nbytes": "saliency_cache.encoding",

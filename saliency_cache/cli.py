@@ -9,8 +9,6 @@ run on its own, outside ``sat``). ``verify`` exits 1 when it finds problems.
 from __future__ import annotations
 
 import json
-import textwrap
-from pathlib import Path
 from typing import Any
 
 import click
@@ -89,29 +87,10 @@ def _open(store: str, storage_option: tuple[str, ...]):
 
 
 def _resolve(st, split_name: str | None, map_arg: str | None):
-    """(Split, map name or None) from ``--split`` and a ``MAP`` / ``SPLIT/MAP`` argument."""
-    map_name = map_arg
-    if map_arg is not None and "/" in map_arg:
-        given, map_name = map_arg.split("/", 1)
-        if split_name is not None and split_name != given:
-            raise SatError(f"map {map_arg!r} names split {given!r} but --split is {split_name!r}")
-        split_name = given
-    if split_name is None:
-        splits = st.splits()
-        if len(splits) == 1:
-            split_name = splits[0]
-        elif "train" in splits:
-            split_name = "train"
-        elif not splits:
-            raise SatError(f"store {st.url} has no splits")
-        else:
-            raise SatError(
-                f"store {st.url} has several splits; pick one with --split: {', '.join(splits)}"
-            )
-    sp = st.split(split_name)
-    if map_name is not None:
-        sp._require_map(map_name)
-    return sp, map_name
+    """(Split, map name or None): see :func:`saliency_cache.store.resolve_map`."""
+    from saliency_cache.store import resolve_map  # zarr loads only when a command runs
+
+    return resolve_map(st, split_name, map_arg)
 
 
 def _human(nbytes: int) -> str:
@@ -136,11 +115,13 @@ def _map_summary(sp, name: str) -> dict[str, Any]:
     try:
         r = sp.inspect_map(name)
         done = r.done_chunks()
+        damage = r.damage()
         return {
             "name": name,
             "encoding": r.encoding,
             "shape": list(r.shape),
-            "complete": bool(r.complete and done.all()),
+            "complete": bool(r.complete and done.all()) and damage is None,
+            "damaged": damage,
             "done_chunks": int(done.sum()),
             "n_chunks": r.n_chunks,
             "bytes_on_disk": r.nbytes_on_disk(),
@@ -169,9 +150,11 @@ def ls_cmd(store: str, storage_option: tuple[str, ...], as_json: bool) -> None:
             lines.append(f"split {name}: unreadable: {e}")
             continue
         maps = [_map_summary(sp, m) for m in sp.maps()]
+        damage = sp.damage()
         out["splits"].append(
             {
                 "name": name,
+                "damaged": damage,
                 "n": sp.n,
                 "fingerprint": sp.fingerprint,
                 "has_images": sp.has_images(),
@@ -184,6 +167,8 @@ def ls_cmd(store: str, storage_option: tuple[str, ...], as_json: bool) -> None:
             f"split {name}: n={sp.n} fingerprint={sp.fingerprint[:12]} "
             f"images={'yes' if sp.has_images() else 'no'} classes={sp.num_classes}"
         )
+        if damage is not None:
+            lines.append(f"  damaged: {damage}")
         for m in maps:
             if "error" in m:
                 lines.append(f"  {m['name']}: unreadable: {m['error']}")
@@ -193,6 +178,8 @@ def ls_cmd(store: str, storage_option: tuple[str, ...], as_json: bool) -> None:
                 if m["complete"]
                 else f"partial {m['done_chunks']}/{m['n_chunks']} chunks"
             )
+            if m["damaged"] is not None:
+                state = f"DAMAGED ({m['damaged']})"
             warn = "" if m["matches_split"] else "  [does not match the split]"
             lines.append(
                 f"  {m['name']}: {m['encoding']} {tuple(m['shape'])} {state} "
@@ -221,6 +208,7 @@ def info(
     sp, name = _resolve(_open(store, storage_option), split_name, map_name)
     r = sp.inspect_map(name)
     done = r.done_chunks()
+    damage = r.damage()
     out = {
         "split": sp.name,
         "map": name,
@@ -234,7 +222,8 @@ def info(
         "n_shards": r.n_shards,
         "packed_nbytes_per_sample": r.packed_nbytes,
         "done_chunks": int(done.sum()),
-        "complete": bool(r.complete and done.all()),
+        "complete": bool(r.complete and done.all()) and damage is None,
+        "damaged": damage,
         "bytes_on_disk": r.nbytes_on_disk(),
         "fingerprint": r.fingerprint,
         "ids_sha256": r.ids_sha256,
@@ -287,6 +276,7 @@ def stats(
 
     sp, name = _resolve(_open(store, storage_option), split_name, map_name)
     r = sp.inspect_map(name)
+    r.check_files()  # partial maps are counted over their written chunks; damaged ones refused
     done = r.done_chunks()
     order = [int(k) for k in np.flatnonzero(done)]
     counts = {-1: 0, 0: 0, 1: 0}
@@ -346,77 +336,10 @@ def show(
     as_json: bool,
 ) -> None:
     """Draw MAP for the given samples: image, map (channel mean; blue -1, red +1) and overlay."""
+    from saliency_cache.render import render_show
+
     info = render_show(_open(store, storage_option), split_name, map_name, indices, out)
     _emit(as_json, info, f"wrote {info['out']}")
-
-
-def render_show(st, split_name: str | None, map_name: str, indices, out: str | Path) -> dict[str, Any]:
-    """Write the ``sat cache show`` PNG grid for ``indices`` of a map; return what was drawn."""
-    sp, name = _resolve(st, split_name, map_name)
-    r = sp.inspect_map(name)
-    for i in indices:
-        if not 0 <= i < sp.n:
-            raise SatError(f"--index {i} is outside split {sp.name!r} of {sp.n} samples")
-    done = r.done_chunks()
-    for i in indices:
-        if not done[i // r.chunk_size]:
-            raise SatError(
-                f"sample {i} is in chunk {i // r.chunk_size} of map {name!r}, which was never written"
-            )
-    path = Path(out)
-    if not path.parent.is_dir():
-        raise SatError(f"cannot write --out {out}: directory {path.parent} does not exist")
-    maps = r.read_indices(list(indices))
-    images = sp.read_images_indices(list(indices)) if sp.has_images() else None
-    labels = sp.labels()
-    ids = sp.ids()
-    titles = []
-    for i in indices:
-        lab = int(labels[i])
-        cname = sp.class_names[lab] if sp.class_names and lab < len(sp.class_names) else None
-        titles.append(f"{ids[i]} · label {lab}" + (f" ({cname})" if cname else ""))
-    _draw(path, maps, images, titles, name)
-    return {"out": str(path), "split": sp.name, "map": name, "indices": list(indices)}
-
-
-def _draw(
-    path: Path, maps: np.ndarray, images: np.ndarray | None, titles: list[str], name: str
-) -> None:
-    # Figure + Agg canvas directly: no pyplot, so no global backend state is touched.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    rows, cols = len(titles), (3 if images is not None else 1)
-    fig = Figure(figsize=(2.6 * cols, 2.6 * rows), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = np.asarray(fig.subplots(rows, cols, squeeze=False))
-    mean = maps.astype(np.float32).mean(axis=1)  # (B, H, W) in [-1, 1]
-    for i, title in enumerate(titles):
-        # Sample ids are paths (Tiny ImageNet's run to 40+ characters): wrap them to the
-        # panel's width instead of letting the figure clip them.
-        title = "\n".join(textwrap.wrap(title, 34 if images is not None else 30))
-        panels = []
-        if images is not None:
-            img = images[i]
-            rgb = img.transpose(1, 2, 0) if img.shape[0] == 3 else img[0]
-            cmap = None if img.shape[0] == 3 else "gray"
-            axes[i, 0].imshow(rgb, cmap=cmap, vmin=0, vmax=255)
-            axes[i, 0].set_title(f"{title}\nimage", fontsize=7)
-            axes[i, 2].imshow(rgb, cmap=cmap, vmin=0, vmax=255)
-            axes[i, 2].imshow(mean[i], cmap="bwr", vmin=-1, vmax=1, alpha=0.45)
-            axes[i, 2].set_title("overlay", fontsize=7)
-            panels = [axes[i, 0], axes[i, 2]]
-        ax = axes[i, 1 if images is not None else 0]
-        im = ax.imshow(mean[i], cmap="bwr", vmin=-1, vmax=1)
-        ax.set_title(f"{title}\n{name}" if images is None else name, fontsize=7)
-        fig.colorbar(im, ax=ax, fraction=0.046, ticks=[-1, 0, 1])
-        for a in [*panels, ax]:
-            a.set_xticks([])
-            a.set_yticks([])
-    try:
-        fig.savefig(path, dpi=100)
-    except (OSError, ValueError) as e:
-        raise SatError(f"cannot write --out {path}: {e}") from None
 
 
 @cache.command(name="verify", context_settings=_CONTEXT)

@@ -17,21 +17,19 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from saliency_cache.errors import IncompleteMapError, MapNotFoundError, ReadOnlyError, SatError
-from saliency_cache.store import (
-    FORMAT,
-    LOCK_NAME,
+from saliency_cache.layout import FORMAT
+from saliency_cache.location import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     PARTIAL_RE,
-    SaliencyStore,
-    _collect,
-    _Location,
-    _sync,
+    Location,
+    open_location,
 )
+from saliency_cache.lock import LOCK_NAME
+from saliency_cache.store import SaliencyStore
 
 _KEEP_PROBLEMS_PARTIAL = ("missing", "incomplete")  # what --allow-partial accepts in the copy
 
@@ -79,16 +77,17 @@ def copy_store(
     """
     t0 = time.perf_counter()
     src_store = SaliencyStore.open(src, "r", storage_options=src_options)
-    src_loc = src_store._loc
-    dst_loc = _Location(dst, read_only=False, storage_options=dst_options)
+    src_loc = src_store.location
+    dst_loc = open_location(dst, read_only=False, storage_options=dst_options)
     if dst_loc.http:
         raise ReadOnlyError(
             f"cannot copy to {dst_loc.url}: HTTP(S) locations are read-only; copy to a local "
             "path or s3:// and serve that"
         )
-    _refuse_same_place(src_loc, dst_loc)
+    if src_loc.overlaps(dst_loc):
+        raise SatError(f"source {src_loc.url} and destination {dst_loc.url} overlap")
     selection = _select(src_store, splits, maps, allow_partial)
-    keys = _source_keys(src_loc)
+    keys = [k for k in src_loc.list_keys() if not _skip(k)]
     if splits or maps:
         keys = [k for k in keys if _wanted(k, selection, whole_splits=not maps)]
     if "zarr.json" not in keys:
@@ -159,9 +158,9 @@ def _select(
         chosen = have if want_maps is None else [m for m in want_maps if m in have]
         if splits and want_maps is not None and len(chosen) < len(want_maps):
             missing = next(m for m in want_maps if m not in have)
-            sp._require_map(missing)  # raises, listing the split's maps
+            sp.require_map(missing)  # raises, listing the split's maps
         if not allow_partial:
-            if sp._has_images_array() and not sp.images_complete():
+            if sp.has_images_array() and not sp.images_complete():
                 raise IncompleteMapError(
                     f"the images of split {name!r} of {st.url} were not completely written; "
                     "finish the precompute or pass --allow-partial"
@@ -201,56 +200,13 @@ def _skip(key: str) -> bool:
     )
 
 
-def _source_keys(loc: _Location) -> list[str]:
-    """Every file of the store, by listing; from its manifest where the host cannot list."""
-    if loc.local_root is not None:
-        keys = [
-            Path(dirpath, f).relative_to(loc.local_root).as_posix()
-            for dirpath, _dirs, fs in os.walk(loc.local_root)
-            for f in fs
-        ]
-    else:
-        try:
-            keys = _sync(_collect(loc.zstore.list_prefix("")))
-        except FileNotFoundError:
-            keys = []
-        except Exception:  # e.g. HTTP 403 on directories: the manifest may still list the files
-            if loc.manifest() is None:
-                raise
-            keys = []
-        keys = [k for k in keys if k and not k.endswith("/")]
-        if "zarr.json" not in keys:
-            files = loc.manifest()
-            if files is None:
-                raise SatError(
-                    f"cannot list the files of {loc.url}: the host gives no directory listings "
-                    f"and the store has no {MANIFEST_NAME} (copy it from its origin instead)"
-                )
-            keys = list(files)
-    return sorted(k for k in keys if not _skip(k))
-
-
 # ---- where it goes --------------------------------------------------------------------------
-def _refuse_same_place(src: _Location, dst: _Location) -> None:
-    if src.local_root is not None and dst.local_root is not None:
-        a, b = src.local_root.resolve(), dst.local_root.resolve()
-        if a == b or a in b.parents or b in a.parents:
-            raise SatError(f"source {src.url} and destination {dst.url} overlap")
-        return
-    a, b = src.url.rstrip("/"), dst.url.rstrip("/")
-    if a == b or b.startswith(a + "/") or a.startswith(b + "/"):
-        raise SatError(f"source {src.url} and destination {dst.url} overlap")
-
-
-def _prepare_destination(dst: _Location, overwrite: bool) -> None:
+def _prepare_destination(dst: Location, overwrite: bool) -> None:
     """Refuse a non-empty destination; with ``overwrite``, empty one that holds a store."""
-    if dst.local_root is not None:
-        root = dst.local_root
-        if root.exists() and not root.is_dir():
-            raise SatError(f"destination {dst.url} is a file")
-        empty = not root.exists() or not any(root.iterdir())
-    else:
-        empty = not dst.list_dir("")
+    state = dst.root_state()
+    if state == "file":
+        raise SatError(f"destination {dst.url} is a file")
+    empty = state in ("absent", "empty")
     if empty:
         return
     if not overwrite:
@@ -269,22 +225,9 @@ def _prepare_destination(dst: _Location, overwrite: bool) -> None:
     dst.delete_dir("")
 
 
-def _check_files(dst: _Location, files: dict[str, dict[str, Any]]) -> None:
+def _check_files(dst: Location, files: dict[str, dict[str, Any]]) -> None:
     """Every copied key is at the destination with its size."""
-    if dst.local_root is not None:
-        sizes = {}
-        for key in files:
-            p = dst.local_root / key
-            sizes[key] = p.stat().st_size if p.is_file() else None
-    else:
-        from fsspec.core import url_to_fs
-
-        fs, root = url_to_fs(dst.url, **dst.storage_options)
-        fs.invalidate_cache()
-        root = root.rstrip("/")
-        listed = fs.find(root, detail=True)
-        by_key = {p[len(root) + 1 :]: info.get("size") for p, info in listed.items()}
-        sizes = {k: by_key.get(k) for k in files}
+    sizes = dst.sizes(files)
     for key, want in files.items():
         if sizes[key] != want["size"]:
             raise CopyError(
@@ -293,7 +236,7 @@ def _check_files(dst: _Location, files: dict[str, dict[str, Any]]) -> None:
             )
 
 
-def _verify_copy(dst: _Location, options: dict | None, allow_partial: bool) -> list[str]:
+def _verify_copy(dst: Location, options: dict | None, allow_partial: bool) -> list[str]:
     from saliency_cache.verify import verify
 
     problems = verify(SaliencyStore.open(dst.url, "r", storage_options=options))

@@ -43,3 +43,11 @@ class ReadOnlyError(SatError):
 
 class CorruptChunkError(SatError):
     """A chunk failed its checksum or could not be decoded."""
+
+
+class MissingChunkError(CorruptChunkError):
+    """A chunk the store records as written has no file (it was deleted or never copied).
+
+    A subclass of :class:`CorruptChunkError`: the data is damaged, and code that refuses
+    damaged data refuses this too.
+    """

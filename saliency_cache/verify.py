@@ -14,13 +14,10 @@ import zarr
 
 from saliency_cache.encoding import invalid_bytes
 from saliency_cache.errors import MapNotFoundError, SatError
-from saliency_cache.store import (
-    _DECODE_ERRORS,
-    MapReader,
-    SaliencyStore,
-    Split,
-    ids_digest,
-)
+from saliency_cache.layout import DECODE_ERRORS
+from saliency_cache.names import ids_digest
+from saliency_cache.split import Split
+from saliency_cache.store import SaliencyStore
 
 
 @dataclass(frozen=True)
@@ -30,7 +27,9 @@ class Problem:
     ``kind`` is one of: ``metadata`` (missing or malformed attributes/arrays), ``corrupt``
     (a chunk fails its checksum or does not decode), ``invalid`` (decodes but holds bytes no
     valid map packs to, or labels outside the class range), ``missing`` (a map chunk never
-    written), ``incomplete`` (a map or the images not marked complete), ``mismatch``
+    written), ``lost`` (the file of a chunk the store records as written is gone: a map shard
+    holding done chunks, the done flags of a complete map, a labels / ids / complete images
+    chunk), ``incomplete`` (a map or the images not marked complete), ``mismatch``
     (a map's n / fingerprint / ids do not match its split, or ids do not match ids_sha256).
     """
 
@@ -80,7 +79,7 @@ def verify(
             maps = [map_name]
         else:
             if split is not None:
-                sp._require_map(map_name)  # raises, listing the available maps
+                sp.require_map(map_name)  # raises, listing the available maps
             continue
         found_map = found_map or bool(maps)
         for m in maps:
@@ -100,15 +99,24 @@ def _chunks(arr: zarr.Array) -> list[tuple[int, slice]]:
 
 
 def _read_chunks(
-    sp: Split, name: str, arr: zarr.Array, problems: list[Problem], want_values: bool = True
+    sp: Split,
+    name: str,
+    arr: zarr.Array,
+    problems: list[Problem],
+    want_values: bool = True,
+    skip: frozenset[int] = frozenset(),
 ) -> list:
-    """Decode ``arr`` chunk by chunk; return the decoded parts (None for failed chunks)."""
+    """Decode ``arr`` chunk by chunk; return the decoded parts (None for failed chunks and
+    for the chunks starting at a sample in ``skip``, whose files are lost)."""
     parts = []
     for i, sl in _chunks(arr):
+        if sl.start in skip:
+            parts.append(None)
+            continue
         try:
             v = arr[sl]
             parts.append(v if want_values else True)
-        except _DECODE_ERRORS as e:
+        except DECODE_ERRORS as e:
             problems.append(
                 Problem(
                     sp.name,
@@ -131,7 +139,7 @@ def _check_split(sp: Split) -> list[Problem]:
     arrays = {}
     for name, dtype, shape in (("labels", np.int64, (sp.n,)), ("ids", None, (sp.n,))):
         try:
-            arr = sp._array(name)
+            arr = sp.array(name)
         except SatError as e:
             meta(str(e))
             continue
@@ -139,8 +147,9 @@ def _check_split(sp: Split) -> list[Problem]:
             meta(f"{name} is {arr.dtype} {tuple(arr.shape)}, expected {shape}")
             continue
         arrays[name] = arr
+    lost = {name: _lost_files(sp, name, problems) for name in arrays}
     if "labels" in arrays:
-        parts = _read_chunks(sp, "labels", arrays["labels"], problems)
+        parts = _read_chunks(sp, "labels", arrays["labels"], problems, skip=lost["labels"])
         for (i, _), v in zip(_chunks(arrays["labels"]), parts, strict=True):
             if v is not None and ((v < 0) | (v >= sp.num_classes)).any():
                 bad = int(v[(v < 0) | (v >= sp.num_classes)][0])
@@ -154,7 +163,7 @@ def _check_split(sp: Split) -> list[Problem]:
                     )
                 )
     if "ids" in arrays:
-        parts = _read_chunks(sp, "ids", arrays["ids"], problems)
+        parts = _read_chunks(sp, "ids", arrays["ids"], problems, skip=lost["ids"])
         if all(p is not None for p in parts):
             ids = [str(x) for p in parts for x in p.tolist()]
             digest = ids_digest(ids)
@@ -168,9 +177,9 @@ def _check_split(sp: Split) -> list[Problem]:
                         f"ids hash to {digest}, the split records {sp.ids_sha256}",
                     )
                 )
-    if sp._has_images_array():
+    if sp.has_images_array():
         try:
-            arr = sp._array("images")
+            arr = sp.array("images")
         except SatError as e:
             meta(str(e))
         else:
@@ -178,7 +187,9 @@ def _check_split(sp: Split) -> list[Problem]:
             if tuple(arr.shape) != shape or arr.dtype != np.uint8:
                 meta(f"images are {arr.dtype} {tuple(arr.shape)}, expected uint8 {shape}")
             else:
-                _read_chunks(sp, "images", arr, problems, want_values=False)
+                # Chunks of unfinished images may be unwritten: only complete ones must exist.
+                skip = _lost_files(sp, "images", problems) if sp.images_complete() else frozenset()
+                _read_chunks(sp, "images", arr, problems, want_values=False, skip=skip)
                 if not sp.images_complete():
                     problems.append(
                         Problem(
@@ -192,6 +203,23 @@ def _check_split(sp: Split) -> list[Problem]:
     return problems
 
 
+def _lost_files(sp: Split, name: str, problems: list[Problem]) -> frozenset[int]:
+    """Report every lost chunk file of ``name`` (a ``lost`` problem each); return the first
+    samples of the chunks they held."""
+    gone = sp.missing_files(name)
+    for s, e, key in gone:
+        problems.append(
+            Problem(
+                sp.name,
+                None,
+                None,
+                "lost",
+                f"{name} chunk file {sp.store.url}/{key} (samples {s}..{e - 1}) is missing",
+            )
+        )
+    return frozenset(s for s, _, _ in gone)
+
+
 def _check_map(sp: Split, name: str) -> list[Problem]:
     problems: list[Problem] = []
 
@@ -199,7 +227,7 @@ def _check_map(sp: Split, name: str) -> list[Problem]:
         problems.append(Problem(sp.name, name, chunk, kind, msg))
 
     try:
-        r = MapReader(sp, name)
+        r = sp.inspect_map(name)
     except SatError as e:
         add("metadata", str(e))
         return problems
@@ -207,10 +235,10 @@ def _check_map(sp: Split, name: str) -> list[Problem]:
         add("metadata", f"map shape {r.shape} does not fit images of shape {sp.image_shape}")
     if r.channels != r.shape[0]:
         add("metadata", f"channels {r.channels} but shape {r.shape}")
-    if r._data.chunks[0] != r.chunk_size:
+    if r.data_array.chunks[0] != r.chunk_size:
         add(
             "metadata",
-            f"data chunks hold {r._data.chunks[0]} samples, attributes say {r.chunk_size}",
+            f"data chunks hold {r.data_array.chunks[0]} samples, attributes say {r.chunk_size}",
         )
     for key, mine, theirs in (
         ("n", r.n, sp.n),
@@ -223,17 +251,37 @@ def _check_map(sp: Split, name: str) -> list[Problem]:
     for c in range(0, r.n_chunks, r.shard_chunks):
         hi = min(c + r.shard_chunks, r.n_chunks)
         try:
-            done[c:hi] = np.asarray(r._done[c:hi]) != 0
-        except _DECODE_ERRORS as e:
+            done[c:hi] = np.asarray(r.done_array[c:hi]) != 0
+        except DECODE_ERRORS as e:
             add("corrupt", f"done flags of chunks {c}..{hi - 1} failed to decode: {e}")
+    url = sp.store.url
+    unflagged: set[int] = set()  # chunks whose done flags were lost with their file
+    for key in r.lost_done_files():
+        add("lost", f"done flags file {url}/{key} is missing, but the map is marked complete")
+        i = int(key.rsplit("/", 1)[-1])
+        unflagged.update(range(i * r.shard_chunks, min((i + 1) * r.shard_chunks, r.n_chunks)))
+    try:
+        lost = r.lost_chunks()
+    except SatError:  # the done flags of a lost shard do not decode: reported above
+        lost = {}
+    for key in dict.fromkeys(lost.values()):
+        ks = [k for k, v in lost.items() if v == key]
+        add(
+            "lost",
+            f"shard file {url}/{key} {r.lost_reason(key)}, with {len(ks)} chunks marked written "
+            f"({ks[0]}..{ks[-1]})",
+            ks[0],
+        )
     for k in range(r.n_chunks):
         s, e = k * r.chunk_size, min((k + 1) * r.chunk_size, r.n)
-        if not done[k]:
+        if k in lost or k in unflagged:
+            continue
+        if not done[k] and k not in unflagged:
             add("missing", f"chunk {k} (samples {s}..{e - 1}) was never written", k)
             continue
         try:
-            rows = np.asarray(r._data[s:e])
-        except _DECODE_ERRORS as err:
+            rows = np.asarray(r.data_array[s:e])
+        except DECODE_ERRORS as err:
             add("corrupt", f"data chunk {k} (samples {s}..{e - 1}) failed to decode: {err}", k)
             continue
         bad = invalid_bytes(rows, r.encoding, r.shape)

@@ -141,6 +141,7 @@ class StoreStream(torch.utils.data.IterableDataset):
         # Validate everything once, up front, in the main process.
         st = SaliencyStore.open(self.store_url, "r", storage_options=storage_options)
         sp = st.split(split)
+        sp.check_files(images=images_from is None)  # a lost chunk file refuses the run here
         self._check_images(sp, images_from, expect_fingerprint)
         self.n = sp.n
         self.num_samples_total = sp.n
