@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from saliency_cache.errors import SatError
 from trainer.attacks import AMP_GRAD_SCALE, true_logit_grad
-from trainer.attacks.primitives import _inner
+from trainer.modules import unwrap
 from trainer.perturb import SGT_FILLS, TrainingMode, _register
 
 
@@ -129,7 +129,7 @@ class SGT(TrainingMode):
     """
 
     def compute(self, model, x, y, maps, *, epoch, generator):
-        g = true_logit_grad(_inner(model), x, y)
+        g = true_logit_grad(unwrap(model), x, y)
         x_masked, _ = sgt_mask(
             x, g, fraction=self.cfg.sgt_fraction, fill=self.cfg.sgt_fill, generator=generator
         )

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from saliency_cache.errors import SatError
-from trainer.attacks.primitives import _inner
+from trainer.modules import unwrap
 
 NORMS = ("l2", "linf")
 _FAB_NORM = {"l2": "L2", "linf": "Linf"}
@@ -55,7 +55,7 @@ def min_norm_distance(
         raise SatError(
             "the boundary distance needs torchattacks: pip install 'sat-pipeline[autoattack]'"
         ) from None
-    net = _inner(model)
+    net = unwrap(model)
     x = x.detach()
     with torch.no_grad():
         logits = net(x)
