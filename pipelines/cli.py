@@ -24,7 +24,12 @@ from typing import Any
 import click
 
 from pipelines.common import tune_allocator
-from saliency_cache.cli import ErrorReportingGroup, cache, parse_storage_options
+from saliency_cache.cli import (
+    ErrorReportingGroup,
+    cache,
+    parse_key_values,
+    parse_storage_options,
+)
 from saliency_cache.errors import IncompleteMapError, SatError
 from trainer.data import list_datasets
 from trainer.data.weak import WEAK_SOURCES
@@ -192,13 +197,6 @@ def data_options(required: bool = True) -> Callable:
     return deco
 
 
-def _parse_value(v: str) -> Any:
-    try:
-        return json.loads(v)
-    except json.JSONDecodeError:
-        return v
-
-
 def build_data_spec(kw: dict[str, Any]):
     from pipelines.common import DataSpec
 
@@ -211,11 +209,8 @@ def build_data_spec(kw: dict[str, Any]):
         v = kw.pop(key)
         if v is not None:
             opts[opt] = v
-    for item in kw.pop("data_option"):
-        if "=" not in item:
-            raise SatError(f"--data-option must be KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        opts[k.strip().replace("-", "_")] = _parse_value(v)
+    for k, v in parse_key_values(kw.pop("data_option"), "--data-option").items():
+        opts[k.replace("-", "_")] = v
     if name is None:
         return None
     return DataSpec(name=name, root=root, options=opts)

@@ -53,6 +53,9 @@ class EvalPlan:
     # Robust rows (ROBUST_MODES) are also attacked with AutoAttack at one budget: (eps /255,
     # samples). It is slow on a CPU, hence its own, usually smaller, sample count. None: skip.
     autoattack: tuple[float, int] | None = (8.0, 100)
+    # The alignment-vs-robustness test (Etmann et al.) needs each run's distance to the
+    # boundary: FAB on (first N images or None: all, FAB steps). None: not measured.
+    boundary: tuple[int | None, int] | None = (100, 20)
     robust_eps: float = 2.0  # the PGD-5 budget the claims and the cost-robustness plot use
 
 
@@ -277,8 +280,12 @@ def _student_job(cfg: CompareConfig, st: Student, seed: int, store: Path,
     evals = [(ev.attacks, ev.eps, ev.samples, rdir / "eval")]
     if ev.autoattack is not None and st.mode in ROBUST_MODES:
         evals.append((("autoattack",), (ev.autoattack[0],), ev.autoattack[1], rdir / "eval-autoattack"))
+    bd = ({"boundary": False} if ev.boundary is None else
+          {"boundary": True, "boundary_samples": ev.boundary[0], "boundary_steps": ev.boundary[1]})
+    # The AutoAttack pass only adds its accuracy: alignment and boundary come from the main one.
+    extra = [bd] + [{"alignment": False, "boundary": False}] * (len(evals) - 1)
     ecs = tuple(dict(common, attacks=a, eps=e, uniform_eps=ev.uniform_eps, max_samples=n,
-                     out=str(o)) for a, e, n, o in evals)
+                     out=str(o), **x) for (a, e, n, o), x in zip(evals, extra, strict=True))
     return StudentJob(name=st.name, seed=seed, train=tc, evals=ecs)
 
 
@@ -304,7 +311,8 @@ def _eval_current(results: Path, ec: Any) -> bool:
     except (json.JSONDecodeError, AttributeError):
         return False
     new = config_dict(ec)
-    keys = ("checkpoint", "attacks", "eps", "uniform_eps", "max_samples", "seed", "split")
+    keys = ("checkpoint", "attacks", "eps", "uniform_eps", "max_samples", "seed", "split",
+            "alignment", "boundary", "boundary_samples", "boundary_steps")
     return all(old.get(k) == new.get(k) for k in keys)
 
 

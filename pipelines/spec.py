@@ -32,8 +32,10 @@ _TEACHER = {"name": str, "mode": str, "epochs": int, "methods": list, "arch": st
 _STUDENT = {"name": str, "mode": str, "maps": list, "baseline": (str, type(None)),
             "options": dict}
 _EVAL = {"attacks": list, "eps": list, "uniform_eps": list, "samples": (int, type(None)),
-         "autoattack": (dict, type(None)), "robust_eps": (int, float)}
+         "autoattack": (dict, type(None)), "boundary": (dict, type(None)),
+         "robust_eps": (int, float)}
 _AUTOATTACK = {"eps": (int, float), "samples": int}
+_BOUNDARY = {"samples": (int, type(None)), "steps": int}
 # Perturbation options given in /255 units in a spec (PerturbConfig holds [0, 1] pixels).
 PIXEL_OPTIONS = ("eps", "uniform_eps", "sat_eps", "pgd_step_size", "fgsm_rs_alpha")
 
@@ -223,11 +225,15 @@ def build_config(spec: dict[str, Any], *, out: str | None):
     if aa is not None:
         aa = _check("eval.autoattack", aa, _AUTOATTACK)
         aa = (float(_budgets("eval.autoattack.eps", [aa.get("eps", 8)])[0]), aa.get("samples", 100))
+    bd = ev.get("boundary", {})
+    if bd is not None:
+        bd = _check("eval.boundary", bd, _BOUNDARY)
+        bd = (bd.get("samples", 100), bd.get("steps", 20))
     plan = EvalPlan(
         attacks=_names("eval.attacks", ev.get("attacks", ["pgd5", "pgd20", "uniform", "saliency"])),
         eps=_budgets("eval.eps", ev.get("eps", [1, 2, 4, 8])),
         uniform_eps=_budgets("eval.uniform_eps", ev.get("uniform_eps", [8, 16, 32])),
-        samples=ev.get("samples", 500), autoattack=aa,
+        samples=ev.get("samples", 500), autoattack=aa, boundary=bd,
         robust_eps=float(_budgets("eval.robust_eps", [ev.get("robust_eps", 2)])[0]),
     )
     kw = {k: spec[k] for k in ("title", "arch", "width", "batch_size", "student_epochs",

@@ -23,6 +23,10 @@ from trainer.perturb import PerturbConfig
 # the architecture is checked against the checkpoint's model.)
 RESUME_MATCH = ("mode", "maps", "split", "split_fingerprint", "batch_size", "loop.seed",
                 "loop.optimizer", "perturb", "sat_reach_fraction")
+# Training-mode settings added after runs were first written (gradnorm, sgt): a checkpoint
+# without them trained with none of those modes, so it resumes as if it held the defaults.
+RESUME_ADDED = {f"perturb.{k}": PerturbConfig.__dataclass_fields__[k].default
+                for k in ("gradnorm_lambda", "sgt_fraction", "sgt_fill", "sgt_lambda")}
 
 
 @dataclass(frozen=True)
@@ -159,7 +163,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         run_config=run_config, steps_per_epoch=steps,
         extra={"mode": cfg.mode, "maps": list(cfg.maps), "map_provenance": map_prov,
                "fingerprint": split.fingerprint, "store": cfg.store},
-        resume_match=RESUME_MATCH,
+        resume_match=RESUME_MATCH, resume_added=RESUME_ADDED,
     )
     if world > 1:
         import torch.distributed as dist

@@ -42,17 +42,25 @@ def cache() -> None:
 
 
 # ---- shared helpers ------------------------------------------------------------------------
-def parse_storage_options(items: tuple[str, ...]) -> dict[str, Any] | None:
+def parse_key_values(items: tuple[str, ...], option: str) -> dict[str, Any]:
+    """The ``KEY=VALUE`` items of a repeatable ``option`` (e.g. ``--storage-option``) as a
+    dict; a VALUE that parses as JSON (``true``, ``3``, ``{"a": 1}``) becomes that value, any
+    other stays text. An item without ``=`` is a SatError quoting it."""
     opts: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise SatError(f"--storage-option must be KEY=VALUE, got {item!r}")
+            raise SatError(f"{option} must be KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
         try:
             opts[k.strip()] = json.loads(v)
         except json.JSONDecodeError:
             opts[k.strip()] = v
-    return opts or None
+    return opts
+
+
+def parse_storage_options(items: tuple[str, ...]) -> dict[str, Any] | None:
+    """fsspec options from ``--storage-option KEY=VALUE`` items (None when there are none)."""
+    return parse_key_values(items, "--storage-option") or None
 
 
 def _store_args(f):

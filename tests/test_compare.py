@@ -29,7 +29,8 @@ students:
   - {name: sat-mask, mode: sat, maps: [mask], baseline: original}
   - {name: sat-gbp, mode: sat, maps: [std/gbp], baseline: original}
   - {name: pgd, mode: pgd}
-eval: {attacks: [pgd5], eps: [1, 2], samples: 16, autoattack: {eps: 8, samples: 4}, robust_eps: 2}
+eval: {attacks: [pgd5], eps: [1, 2], samples: 16, autoattack: {eps: 8, samples: 4}, robust_eps: 2,
+       boundary: {samples: 4, steps: 5}}
 device: cpu
 workers: 0
 """
@@ -61,7 +62,13 @@ def test_layout_one_folder_per_seed_with_shared_teachers_and_store(experiment):
             aa = rdir / "eval-autoattack" / "results.json"
             assert aa.is_file() == (name == "pgd")
             if name == "pgd":
-                assert json.loads(aa.read_text())["n"] == 4
+                aa_res = json.loads(aa.read_text())
+                assert aa_res["n"] == 4
+                # The AutoAttack pass adds only its accuracy.
+                assert "boundary" not in aa_res["results"] and "alignments" not in aa_res["results"]
+            main_res = json.loads((rdir / "eval" / "results.json").read_text())["results"]
+            assert main_res["boundary"]["n"] == 4 and main_res["boundary"]["steps"] == 5
+            assert "margin_projection" in main_res["alignments"]
     groups = json.loads((out / "experiment.json").read_text())["groups"]
     assert [g["name"] for g in groups] == list(STUDENTS)
     assert [r["seed"] for r in groups[1]["runs"]] == [0, 1]

@@ -63,6 +63,11 @@ def test_a_spec_parses_into_the_experiment_config(tmp_path):
     assert sat.maps == ("adv/gbp",) and sat.baseline == "original"
     assert dict(sat.options) == {"sat_eps": pytest.approx(4 / 255)}  # /255 in a spec
     assert cfg.eval.autoattack is None and cfg.eval.eps == (1.0, 2.0)
+    assert cfg.eval.boundary == (100, 20)  # FAB on the first 100 images, 20 steps
+    for text, want in (("boundary: null", None), ("boundary: {samples: 8}", (8, 20)),
+                       ("boundary: {samples: null, steps: 5}", (None, 5))):
+        spec = GOOD.replace("autoattack: null}", f"autoattack: null, {text}}}")
+        assert load_spec(_spec(tmp_path, spec)).eval.boundary == want, text
     big = load_spec(_spec(tmp_path, GOOD), variant="big")
     assert big.width == 16 and big.eval.samples == 32 and big.eval.eps == (1.0, 2.0)
 
@@ -86,6 +91,8 @@ BAD = [
     ("student", "  - {name: x, mode: pgd, options: {eps: -3}}\n", "eps must be in [0, 1]"),
     ("eval", "eval: {attacks: [pgd7x], eps: [1]}\n", "pgd7x"),
     ("eval", "eval: {eps: [1, -2]}\n", "eval.eps: -2"),
+    ("eval", "eval: {boundary: {samples: 8, norm: l2}}\n", "unknown key 'norm' in eval.boundary"),
+    ("eval", "eval: {boundary: {steps: many}}\n", "'many' is not an integer"),
 ]
 
 

@@ -387,3 +387,24 @@ def test_tqdm_takes_its_redraw_interval_from_the_environment():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "TQDM_MININTERVAL": "30"})
     assert float(out.stdout.strip()) == 30.0
+
+
+def test_a_run_written_before_the_gradnorm_and_sgt_settings_still_resumes(store, tmp_path):
+    """Runs trained before gradnorm/sgt existed have no such keys in their config: they resume
+    as if they held the defaults, and a resume with another value is still refused."""
+    from trainer.checkpoint import load_checkpoint, save_checkpoint
+
+    out = tmp_path / "old"
+    cfg = config(store, out, "standard", epochs=1)
+    run(cfg)
+    for name in ("last", "best"):
+        path = out / "checkpoints" / f"{name}.safetensors"
+        ck = load_checkpoint(path)
+        for key in ("gradnorm_lambda", "sgt_fraction", "sgt_fill", "sgt_lambda"):
+            del ck.config["perturb"][key]
+        save_checkpoint(path, ck)
+    other = replace(cfg, resume=True, perturb=replace(cfg.perturb, sgt_lambda=3.0))
+    with pytest.raises(SatError, match=r"--resume: perturb was .* now .*'sgt_lambda': 3\.0"):
+        run(other)
+    res = run(replace(cfg, loop=replace(cfg.loop, epochs=2), resume=True))
+    assert res["epochs"] == 2 and [r["epoch"] for r in rows(out)] == [1, 2]

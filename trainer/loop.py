@@ -232,6 +232,7 @@ def fit(
     on_epoch_end: Callable[[int, torch.nn.Module], dict[str, Any] | None] | None = None,
     extra: dict[str, Any] | None = None,
     resume_match: tuple[str, ...] = (),
+    resume_added: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` with training mode ``mode`` and return the final result dict.
 
@@ -264,7 +265,8 @@ def fit(
     )
     start_epoch, best = 0, -1.0
     if resume:
-        start_epoch, best = _restore(files, base, stepper, run_config=run_config, keys=resume_match)
+        start_epoch, best = _restore(files, base, stepper, run_config=run_config, keys=resume_match,
+                                     added=resume_added)
     files.start(run_config, epochs_done=start_epoch if resume else None)
 
     net: torch.nn.Module = base
@@ -318,14 +320,16 @@ class _Stepper:
 
 
 def _restore(files: _RunDir, base: torch.nn.Module, stepper: _Stepper, *,
-             run_config: dict[str, Any], keys: tuple[str, ...]) -> tuple[int, float]:
+             run_config: dict[str, Any], keys: tuple[str, ...],
+             added: dict[str, Any] | None = None) -> tuple[int, float]:
     """Load ``last.safetensors`` of the run into the model, optimiser, schedule and loss
     scaler, after :func:`check_resumable`; returns (epochs done, best score so far)."""
     last = files.checkpoints / "last.safetensors"
     if not last.is_file():
         raise SatError(f"--resume given but {last} does not exist")
     ck = load_checkpoint(last)
-    check_resumable(ck, last, arch=getattr(base, "arch", {}), run_config=run_config, keys=keys)
+    check_resumable(ck, last, arch=getattr(base, "arch", {}), run_config=run_config, keys=keys,
+                    added=added)
     base.load_state_dict(ck.model_state)
     if ck.optim_state is not None:
         stepper.optimizer.load_state_dict(ck.optim_state)
@@ -510,9 +514,16 @@ def _config_value(config: dict[str, Any], dotted: str) -> Any:
 def check_resumable(
     ck: Checkpoint, path: Path, *, arch: dict[str, Any], run_config: dict[str, Any],
     keys: tuple[str, ...] = (),
+    added: dict[str, Any] | None = None,
 ) -> None:
     """Refuse to resume from ``ck`` (read from ``path``) into another architecture, or with a
-    value of one of ``keys`` (dotted ``run_config`` keys) that differs from the checkpoint's."""
+    value of one of ``keys`` (dotted ``run_config`` keys) that differs from the checkpoint's.
+
+    ``added`` names settings introduced after some runs were written (dotted keys, with the
+    value whose behaviour the older code had): a checkpoint whose config lacks one is
+    compared as if it held that value, so such runs stay resumable. Any other missing key
+    is a difference like any other.
+    """
     if arch and ck.arch and ck.arch != arch:
         diff = sorted(k for k in set(arch) | set(ck.arch) if arch.get(k) != ck.arch.get(k))
         raise SatError(
@@ -521,6 +532,13 @@ def check_resumable(
             + "); use the same settings or a new --out"
         )
     old_config = json.loads(json.dumps(ck.config, default=str))
+    for dotted, value in (added or {}).items():
+        *parents, leaf = dotted.split(".")
+        node = old_config
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf not in node:
+            node[leaf] = json.loads(json.dumps(value, default=str))
     new_config = json.loads(json.dumps(run_config, default=str))
     for key in keys:
         before, now = _config_value(old_config, key), _config_value(new_config, key)
