@@ -1,12 +1,14 @@
 """``sat report``'s test of Etmann et al.'s claim: alignment against distance to the boundary.
 
 One point per evaluated run whose ``results.json`` holds both ``alignments`` and
-``boundary`` (see :mod:`pipelines.evaluate`): x = the run's median boundary distance
-(``boundary.<norm>.median``, pixel units), y = its mean alignment (``alignments.<form>.mean``),
+``boundary`` (see :mod:`pipelines.evaluate`): x = the run's median boundary distance over its
+correctly classified images (``boundary.<norm>.median_correct``, pixel units; the median over
+all images counts misclassified ones at 0, which would mix clean accuracy into robustness),
+y = its mean alignment (``alignments.<form>.mean``),
 coloured by training mode. Etmann et al. claim that alignment grows with the distance, so the
 statistic is Spearman's rank correlation over the runs, with its two-sided p-value (scipy),
-for every alignment form and norm. Runs whose median is undefined (at least half of the
-images without an adversarial example found) are left out and named.
+for every alignment form and norm. Runs whose median is undefined (no correct image, or at
+least half of them without an adversarial example found) are left out and named.
 
 Written: ``alignment_vs_boundary.png`` (Etmann's form, ``margin_projection``, against the L2
 and L∞ medians) and ``alignment_vs_boundary.csv`` (one row per run with all values).
@@ -24,6 +26,7 @@ from trainer.attacks.boundary import NORMS
 from trainer.attacks.metrics import ALIGNMENT_FORMS
 
 PLOT_FORM = "margin_projection"  # Etmann et al.'s alignment
+DISTANCE = "median_correct"  # robustness: median distance over correctly classified images
 MIN_RUNS = 3  # fewer points give no meaningful rank correlation
 
 
@@ -58,15 +61,16 @@ def alignment_vs_boundary(runs: list[Any], out: Path) -> tuple[list[str], list[s
     table = io.StringIO()
     w = csv.writer(table, lineterminator="\n")
     w.writerow(["run", "mode", *[f"{f}_mean" for f in ALIGNMENT_FORMS],
-                *[f"{n}_median" for n in NORMS]])
+                *[f"{n}_{DISTANCE}" for n in NORMS]])
     for r in rows:
         w.writerow([r.label, r.mode or "", *[_fmt(_value(r.results, "alignments", f, "mean"))
                                              for f in ALIGNMENT_FORMS],
-                    *[_fmt(_value(r.results, "boundary", n, "median")) for n in NORMS]])
+                    *[_fmt(_value(r.results, "boundary", n, DISTANCE)) for n in NORMS]])
     (out / "alignment_vs_boundary.csv").write_text(table.getvalue())
     md = ["## Alignment against distance to the boundary (Etmann et al.)", "",
           "Spearman's rank correlation over runs of mean alignment with the median "
-          "boundary distance (FAB); Etmann et al. predict ρ > 0.", "",
+          "boundary distance of the correctly classified images (FAB); Etmann et al. "
+          "predict ρ > 0.", "",
           "| alignment form | norm | runs | ρ | p |", "| --- | --- | --- | --- | --- |"]
     for form in ALIGNMENT_FORMS:
         for norm in NORMS:
@@ -75,9 +79,9 @@ def alignment_vs_boundary(runs: list[Any], out: Path) -> tuple[list[str], list[s
             md.append(f"| {form} | {norm} | {len(pts)} | {_fmt(rho, '{:.3f}', '–')} | "
                       f"{_fmt(p, '{:.3g}', '–')} |")
     dropped = sorted({r.label for r in rows for n in NORMS
-                      if _value(r.results, "boundary", n, "median") is None})
+                      if _value(r.results, "boundary", n, DISTANCE) is None})
     if dropped:
-        md += ["", "No median distance (at least half the images not fooled): "
+        md += ["", "No median distance (no correct image, or at least half of them not fooled): "
                + ", ".join(dropped)]
     md.append("")
     return md, _plot(rows, out)
@@ -86,7 +90,7 @@ def alignment_vs_boundary(runs: list[Any], out: Path) -> tuple[list[str], list[s
 def _points(rows: list[Any], form: str, norm: str) -> list[tuple[float, float, Any]]:
     pts = []
     for r in rows:
-        x = _value(r.results, "boundary", norm, "median")
+        x = _value(r.results, "boundary", norm, DISTANCE)
         y = _value(r.results, "alignments", form, "mean")
         if x is not None and y is not None:
             pts.append((x, y, r))
@@ -116,7 +120,7 @@ def _plot(rows: list[Any], out: Path) -> list[str]:
         rho, p = spearman([x for x, _, _ in pts], [y for _, y, _ in pts])
         stat = "" if rho is None else f" (Spearman ρ={rho:.2f}, p={p:.2g})"
         ax.set_title(f"{norm.upper()}{stat}", fontsize=9)
-        ax.set_xlabel(f"median {norm.upper()} distance to the boundary (FAB, pixels)")
+        ax.set_xlabel(f"median {norm.upper()} distance to the boundary, correct images (FAB)")
         ax.set_ylabel(f"mean alignment ({PLOT_FORM})")
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], marker="o", ls="", color=colour[m], label=m) for m in modes]

@@ -210,9 +210,9 @@ def alignment_rises_with_robustness(exp: Experiment) -> list[Finding]:
     boundary), the better its saliency aligns with the image. Every run (each method's each
     seed) with both measurements is one point: its mean Etmann alignment
     (``alignments.margin_projection.mean``) against its median minimum-norm boundary
-    distance (``boundary.<norm>.median``). Spearman's ρ over the points, two-sided, at 5 %:
+    distance over the correctly classified images (``boundary.<norm>.median_correct``). Spearman's ρ over the points, two-sided, at 5 %:
     supported when ρ > 0 significantly, contradicted when ρ < 0 significantly."""
-    from pipelines.alignment_report import MIN_RUNS, PLOT_FORM, spearman
+    from pipelines.alignment_report import DISTANCE, MIN_RUNS, PLOT_FORM, spearman
     from trainer.attacks.boundary import NORMS
 
     out = []
@@ -220,7 +220,7 @@ def alignment_rises_with_robustness(exp: Experiment) -> list[Finding]:
         pts = []  # (distance, alignment, group)
         for g in exp.groups:
             for res in g.results.values():
-                d = res.get("boundary", {}).get(norm, {}).get("median")
+                d = res.get("boundary", {}).get(norm, {}).get(DISTANCE)
                 a = res.get("alignments", {}).get(PLOT_FORM, {}).get("mean")
                 if isinstance(d, (int, float)) and isinstance(a, (int, float)):
                     pts.append((float(d), float(a), g))
@@ -242,7 +242,7 @@ def alignment_rises_with_robustness(exp: Experiment) -> list[Finding]:
                              f"{sum(d for d, _ in mine) / len(mine):.4g}, alignment "
                              f"{sum(a for _, a in mine) / len(mine):.4g} (means over seeds)")
         out.append(Finding(verdict, f"alignment ({PLOT_FORM}) against median {norm.upper()} "
-                           "boundary distance (FAB)", tuple(lines)))
+                           "boundary distance of correct images (FAB)", tuple(lines)))
     return out
 
 

@@ -63,7 +63,8 @@ def load(path: str | Path) -> tuple[Experiment, list[RunResult]]:
             if run.epoch_time is not None:
                 times[int(r["seed"])] = run.epoch_time
             label = label or run.label
-            runs.append(RunResult(f"{run.label} · seed {r['seed']}", res, run.epoch_time, run.run_dir))
+            runs.append(RunResult(f"{run.label} · seed {r['seed']}", res, run.epoch_time,
+                                  run.run_dir, mode=run.mode or str(g["mode"])))
         if not results:
             raise _bad(p, f"group {g['name']!r} has no runs")
         groups.append(Group(str(g["name"]), label or str(g["name"]), str(g["mode"]),

@@ -194,7 +194,8 @@ def _etmann_experiment(pairs: list[tuple[float, float]]):
     for i, (dist, align) in enumerate(pairs):
         res = {"clean": 0.9, "attacks": {},
                "alignments": {"margin_projection": {"mean": align, "median": align}},
-               "boundary": {"l2": {"median": dist}, "linf": {"median": dist / 10}}}
+               "boundary": {"l2": {"median": 0.0, "median_correct": dist},
+                            "linf": {"median": 0.0, "median_correct": dist / 10}}}
         groups.append(Group(f"m{i}", f"M{i}", "gradnorm", (), None, {0: res}))
     return Experiment(groups, robust_eps="2", teacher_modes={})
 

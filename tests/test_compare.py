@@ -156,3 +156,14 @@ def test_parallel_runs_give_the_sequential_results(experiment, tmp_path):
         a, b = (json.loads((o / "students" / name / "seed0" / "eval" / "results.json").read_text())
                 for o in (out, par))
         assert a["results"] == b["results"]
+
+
+def test_the_experiment_report_colours_the_alignment_plot_by_training_mode(experiment):
+    """Each seed's run is one point of the alignment-vs-boundary test, with its group's mode."""
+    import csv
+
+    _, out = experiment
+    with open(out / "report" / "alignment_vs_boundary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(STUDENTS) * 2
+    assert sorted({r["mode"] for r in rows}) == ["pgd", "sat", "standard"]

@@ -270,10 +270,13 @@ def _measured_run(path: Path, label: str, mode: str, align: float, l2, linf) -> 
     """A results.json with the alignment forms and the boundary summary of `sat eval`."""
     forms = {f: {"mean": align * k, "median": align * k} for k, f in enumerate(
         ("logit_projection", "logit_cosine", "margin_projection", "margin_cosine"), 1)}
-    side = {"median_correct": None, "not_found": 0.0, "misclassified": 0.1}
+    # The robustness axis is the median over correctly classified images; the median over
+    # all images (misclassified at 0) is a different number and must not be used.
+    side = {"median": 0.0, "not_found": 0.0, "misclassified": 0.6}
     res = {"clean": 0.8, "attacks": {}, "alignment": align, "alignments": forms,
            "boundary": {"attack": "fab", "steps": 20, "n": 50,
-                        "l2": {**side, "median": l2}, "linf": {**side, "median": linf}}}
+                        "l2": {**side, "median_correct": l2},
+                        "linf": {**side, "median_correct": linf}}}
     f = path / "eval" / "results.json"
     f.parent.mkdir(parents=True)
     f.write_text(json.dumps({"label": label, "mode": mode, "n": 50, "split": "val",
