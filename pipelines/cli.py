@@ -4,34 +4,45 @@ User errors (:class:`saliency_cache.errors.SatError`) become a one-line message 
 exit code 2; click's own usage errors also exit 2. ``--config FILE`` (YAML) supplies defaults
 for any command's options; flags given on the command line override it.
 
-Names and defaults are the library's, so each is written once: a choice lists a tuple the
-library validates against (``TARGET_RULES``, ``TEACHER_MODES``, ...; :class:`_Choice`), and
-an option's default is its stage config's dataclass default (:class:`_Default`). Both are
-read when click needs them (parsing that command, or its ``--help``), so ``sat --help`` and
-``sat cache ...`` start without loading torch or zarr.
+Names and defaults are the library's, so each is written once (the option machinery is in
+:mod:`pipelines.cli_options`): choices list the tuples the library validates against, and
+defaults are the stage configs' dataclass defaults, read only when click needs them.
 """
 
 from __future__ import annotations
 
-import importlib
-import json
-import math
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import click
 
+from pipelines.cli_options import (
+    COMPARE,
+    EVAL,
+    PERTURB,
+    PRECOMPUTE,
+    TEACHER,
+    TRAIN,
+    Choice,
+    Default,
+    build_data_spec,
+    build_loop,
+    config_option,
+    csv_values,
+    data_options,
+    echo_result,
+    loop_options,
+    partial_advice,
+    per255,
+)
 from pipelines.common import tune_allocator
 from saliency_cache.cli import (
     ErrorReportingGroup,
     cache,
-    parse_key_values,
     parse_storage_options,
 )
 from saliency_cache.errors import IncompleteMapError, SatError
-from trainer.data import list_datasets
 from trainer.data.weak import WEAK_SOURCES
 
 
@@ -68,255 +79,22 @@ def _quiet_progress_in_logs() -> None:
         os.environ.setdefault("TQDM_MININTERVAL", "30")
 
 
-# ---- values read from the library ---------------------------------------------------------
-def _library_value(ref: str) -> Any:
-    """The object ``"package.module:Name.attr"`` names, e.g. a dataclass field's default
-    ``"trainer.loop:LoopConfig.epochs"`` (a dataclass keeps plain defaults as class attributes)."""
-    module, _, path = ref.partition(":")
-    value: Any = importlib.import_module(module)
-    for part in path.split("."):
-        value = getattr(value, part)
-    return value
-
-
-class _Default:
-    """A click default read from the library when click needs it (see the module docstring).
-
-    ``per`` scales the value to the option's unit (budgets are [0, 1] pixel units in the
-    configs and /255 units on the command line); a tuple becomes the comma-separated string
-    the option takes. click calls the object for the default and prints ``str()`` of it in
-    ``--help``.
-    """
-
-    def __init__(self, ref: str, per: float = 1.0) -> None:
-        self.ref, self.per = ref, per
-
-    def __call__(self) -> Any:
-        value = _library_value(self.ref)
-        if isinstance(value, tuple):
-            return ",".join(str(v) for v in value)
-        if self.per != 1.0:
-            # Rounded: (x / 255) * 255 need not give back x exactly in floats (x = 63.9 does
-            # not), and the command divides by 255 again.
-            return round(value * self.per, 9)
-        return value
-
-    def __str__(self) -> str:
-        return str(self())
-
-
-class _Choice(click.Choice):
-    """A ``click.Choice`` over a tuple the library defines, imported when click first needs it."""
-
-    def __init__(self, ref: str) -> None:  # no super().__init__: ``choices`` is the property
-        self.ref, self.case_sensitive = ref, True
-
-    @property
-    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
-        return tuple(_library_value(self.ref))
-
-
-_LOOP = "trainer.loop:LoopConfig."
-_TEACHER = "pipelines.teacher:TeacherConfig."
-_PRECOMPUTE = "pipelines.precompute:PrecomputeConfig."
-_TRAIN = "pipelines.train:TrainConfig."
-_PERTURB = "trainer.perturb:PerturbConfig."
-_EVAL = "pipelines.evaluate:EvalConfig."
-_COMPARE = "pipelines.compare:CompareConfig."
-
-
-# ---- shared option groups ------------------------------------------------------------------
-def _config_keys(ctx: click.Context) -> tuple[dict[str, str], list[str]]:
-    """Config-file keys of a command: {key: parameter name}, and the option names to list.
-
-    Keys are option names with underscores (``chunk_size`` for --chunk-size, ``method`` for
-    --method); the parameter name an option fills (``methods``) is accepted too.
-    """
-    names: dict[str, str] = {}
-    shown: list[str] = []
-    for p in ctx.command.params:
-        if not isinstance(p, click.Option) or p.name == "config":
-            continue
-        names[p.name] = p.name
-        for opt in (*p.opts, *p.secondary_opts):
-            if opt.startswith("--"):
-                names[opt[2:].replace("-", "_")] = p.name
-                shown.append(opt[2:])
-    return names, sorted(shown)
-
-
-def _load_config_file(ctx: click.Context, _param, value):
-    # Raised as SatError (not click.BadParameter) so a bad config file gets the one-line
-    # `error: ...` of every other user error; ErrorReportingGroup catches it while parsing the command.
-    if value:
-        from pipelines.common import load_yaml_defaults
-
-        defaults = load_yaml_defaults(value)
-        names, shown = _config_keys(ctx)
-        unknown = sorted(set(defaults) - set(names))
-        if unknown:
-            raise SatError(
-                f"unknown keys in config file {value}: {', '.join(unknown)}; "
-                f"valid: {', '.join(shown)}"
-            )
-        mapped: dict[str, Any] = {}
-        for key, v in defaults.items():
-            if names[key] in mapped:
-                raise SatError(f"config file {value} sets option {names[key]!r} twice")
-            mapped[names[key]] = v
-        ctx.default_map = {**(ctx.default_map or {}), **mapped}
-    return value
-
-
-def config_option(f: Callable) -> Callable:
-    return click.option(
-        "--config", type=click.Path(dir_okay=False), callback=_load_config_file, is_eager=True,
-        expose_value=False, help="YAML file of option defaults (keys are option names).",
-    )(f)
-
-
-def data_options(required: bool = True) -> Callable:
-    def deco(f: Callable) -> Callable:
-        opts = [
-            click.option("--dataset", required=required, default=None,
-                         help=f"Dataset: {', '.join(list_datasets())}."),
-            click.option("--data-root", type=click.Path(), default=None, help="Dataset folder."),
-            click.option("--image-size", type=int, default=None, help="Resize images to this size."),
-            click.option("--max-per-class", type=int, default=None, help="Take the first K images per class."),
-            click.option("--n", "n_samples", type=int, default=None, help="Training samples (synthetic)."),
-            click.option("--n-val", type=int, default=None, help="Validation samples (synthetic; default --n)."),
-            click.option("--num-classes", type=int, default=None, help="Classes (synthetic)."),
-            click.option("--data-seed", type=int, default=None, help="Generator seed (synthetic)."),
-            click.option("--data-option", multiple=True, metavar="KEY=VALUE",
-                         help="Any other dataset option (repeatable), e.g. foreground=1."),
-        ]
-        for o in reversed(opts):
-            f = o(f)
-        return f
-
-    return deco
-
-
-def build_data_spec(kw: dict[str, Any]):
-    from pipelines.common import DataSpec
-
-    name = kw.pop("dataset")
-    root = kw.pop("data_root")
-    opts: dict[str, Any] = {}
-    for key, opt in (("image_size", "image_size"), ("max_per_class", "max_per_class"),
-                     ("n_samples", "n"), ("n_val", "n_val"), ("num_classes", "num_classes"),
-                     ("data_seed", "seed")):
-        v = kw.pop(key)
-        if v is not None:
-            opts[opt] = v
-    for k, v in parse_key_values(kw.pop("data_option"), "--data-option").items():
-        opts[k.replace("-", "_")] = v
-    if name is None:
-        return None
-    return DataSpec(name=name, root=root, options=opts)
-
-
-def loop_options(stage: str) -> Callable:
-    """Options of :class:`trainer.loop.LoopConfig`, and ``--batch-size`` from ``stage``
-    (the prefix of the stage config's fields, e.g. ``_TRAIN``)."""
-
-    def deco(f: Callable) -> Callable:
-        opts = [
-            click.option("--epochs", type=int, default=_Default(_LOOP + "epochs"), show_default=True),
-            click.option("--optimizer", type=_Choice("trainer.loop:OPTIMIZERS"),
-                         default=_Default(_LOOP + "optimizer"), show_default=True),
-            click.option("--lr", type=float, default=_Default(_LOOP + "lr"), show_default=True),
-            click.option("--momentum", type=float, default=_Default(_LOOP + "momentum"), show_default=True),
-            click.option("--weight-decay", type=float, default=_Default(_LOOP + "weight_decay"),
-                         show_default=True),
-            click.option("--schedule", type=_Choice("trainer.loop:SCHEDULES"),
-                         default=_Default(_LOOP + "schedule"), show_default=True),
-            click.option("--crop-padding", type=int, default=_Default(_LOOP + "crop_padding"),
-                         show_default=True),
-            click.option("--no-flip", is_flag=True, help="Disable horizontal flips."),
-            click.option("--no-amp", is_flag=True, help="Disable mixed precision on CUDA."),
-            click.option("--seed", type=int, default=_Default(_LOOP + "seed"), show_default=True),
-            click.option("--robust-val-samples", type=int, default=_Default(_LOOP + "robust_val_samples"),
-                         show_default=True, help="Validation samples attacked (PGD-3, 2/255) each epoch."),
-            click.option("--batch-size", type=int, default=_Default(stage + "batch_size"), show_default=True),
-            click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto."),
-            click.option("--quiet", is_flag=True, help="No progress bars."),
-        ]
-        for o in reversed(opts):
-            f = o(f)
-        return f
-
-    return deco
-
-
-def build_loop(kw: dict[str, Any]):
-    from trainer.loop import LoopConfig
-
-    return LoopConfig(
-        epochs=kw.pop("epochs"), optimizer=kw.pop("optimizer"), lr=kw.pop("lr"),
-        momentum=kw.pop("momentum"), weight_decay=kw.pop("weight_decay"),
-        schedule=kw.pop("schedule"), crop_padding=kw.pop("crop_padding"),
-        flip=not kw.pop("no_flip"), amp=not kw.pop("no_amp"), seed=kw.pop("seed"),
-        robust_val_samples=kw.pop("robust_val_samples"), show_progress=not kw["quiet"],
-    )
-
-
-def _csv(value: str | None, cast=str) -> tuple:
-    if value is None or value == "":
-        return ()
-    out = []
-    for part in str(value).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            out.append(cast(part))
-        except ValueError:
-            raise SatError(f"cannot read {part!r} in {value!r} as a {cast.__name__}") from None
-    return tuple(out)
-
-
-def _per255(kw: dict[str, Any], name: str) -> float:
-    """Option ``--<name>`` (in /255 units) as a pixel-unit float, checked as the user typed it:
-    a bad value is quoted as given (``--eps -1``), not after the division (-0.0039)."""
-    v = kw.pop(name)
-    positive = name in ("pgd_step_size", "fgsm_alpha")  # a step of 0 would never move
-    if not (math.isfinite(v) and (v > 0 if positive else v >= 0) and v <= 255):
-        low = "(0" if positive else "[0"
-        raise SatError(f"--{name.replace('_', '-')} must be in {low}, 255] (/255 units), got {v:g}")
-    return v / 255
-
-
-def _partial_advice(e: IncompleteMapError, advice: str) -> IncompleteMapError:
-    """The store's "pass allow_partial" (a library argument) as advice this command can take."""
-    return IncompleteMapError(str(e).replace("pass allow_partial", advice))
-
-
-def _echo_result(result: dict[str, Any], as_json: bool, human: str) -> None:
-    if as_json:
-        from pipelines.common import to_jsonable
-
-        click.echo(json.dumps(to_jsonable(result), indent=2, default=str))
-    else:
-        click.echo(human)
-
-
 # ---- commands ------------------------------------------------------------------------------
 @main.command()
 @config_option
 @data_options()
-@loop_options(_TEACHER)
-@click.option("--arch", type=str, default=_Default(_TEACHER + "arch"), show_default=True,
+@loop_options(TEACHER)
+@click.option("--arch", type=str, default=Default(TEACHER + "arch"), show_default=True,
               help="Model architecture.")
-@click.option("--width", type=int, default=_Default(_TEACHER + "width"), show_default=True,
+@click.option("--width", type=int, default=Default(TEACHER + "width"), show_default=True,
               help="Width of the first stage.")
-@click.option("--mode", "teacher_mode", type=_Choice("saliency_cache.store:TEACHER_MODES"),
-              default=_Default(_TEACHER + "mode"), show_default=True)
-@click.option("--sparsity", type=float, default=_Default(_TEACHER + "sparsity"), show_default=True)
-@click.option("--prune-steps", type=int, default=_Default(_TEACHER + "prune_steps"), show_default=True)
-@click.option("--finetune-epochs", type=int, default=_Default(_TEACHER + "finetune_epochs"),
+@click.option("--mode", "teacher_mode", type=Choice("saliency_cache.store:TEACHER_MODES"),
+              default=Default(TEACHER + "mode"), show_default=True)
+@click.option("--sparsity", type=float, default=Default(TEACHER + "sparsity"), show_default=True)
+@click.option("--prune-steps", type=int, default=Default(TEACHER + "prune_steps"), show_default=True)
+@click.option("--finetune-epochs", type=int, default=Default(TEACHER + "finetune_epochs"),
               show_default=True)
-@click.option("--val-split", type=str, default=_Default(_TEACHER + "val_split"), show_default=True,
+@click.option("--val-split", type=str, default=Default(TEACHER + "val_split"), show_default=True,
               help="'' to skip validation.")
 @click.option("--out", required=True, type=click.Path(), help="Output directory.")
 @click.option("--resume", is_flag=True,
@@ -341,44 +119,44 @@ def teacher(**kw: Any) -> None:
     m = res["metrics"]
     human = (f"teacher saved to {res['checkpoint']} (val acc {m.get('val_acc', float('nan')):.4f}"
              + (f", sparsity {res['sparsity']:.4f}" if res["sparsity"] is not None else "") + ")")
-    _echo_result(res, kw["as_json"], human)
+    echo_result(res, kw["as_json"], human)
 
 
 @main.command()
 @config_option
 @data_options()
 @click.option("--store", required=True, help="Store path or URL (created if missing).")
-@click.option("--splits", type=str, default=_Default(_PRECOMPUTE + "splits"), show_default=True,
+@click.option("--splits", type=str, default=Default(PRECOMPUTE + "splits"), show_default=True,
               help="Splits to ingest.")
-@click.option("--map-splits", type=str, default=_Default(_PRECOMPUTE + "map_splits"),
+@click.option("--map-splits", type=str, default=Default(PRECOMPUTE + "map_splits"),
               show_default=True, help="Splits that get maps.")
 @click.option("--teacher", "teachers", multiple=True, type=click.Path(),
               help="Teacher checkpoint, timm:<model>@<weights.safetensors>, torchvision:<model>@<...> "
                    "or a .json/.yaml teacher file (repeatable).")
 @click.option("--cam-layer", default=None,
               help="Module Grad-CAM explains in timm/torchvision teachers (default: per family).")
-@click.option("--method", "methods", type=str, default=_Default(_PRECOMPUTE + "methods"),
+@click.option("--method", "methods", type=str, default=Default(PRECOMPUTE + "methods"),
               show_default=True, help="Comma-separated saliency methods run on every teacher.")
-@click.option("--weak", type=str, default=_Default(_PRECOMPUTE + "weak"),
+@click.option("--weak", type=str, default=Default(PRECOMPUTE + "weak"),
               help=f"Weak saliency from annotations: {', '.join(WEAK_SOURCES)} (comma-separated).")
-@click.option("--target", "target_rule", type=_Choice("saliency_cache.store:TARGET_RULES"),
-              default=_Default(_PRECOMPUTE + "target_rule"), show_default=True,
+@click.option("--target", "target_rule", type=Choice("saliency_cache.store:TARGET_RULES"),
+              default=Default(PRECOMPUTE + "target_rule"), show_default=True,
               help="Saliency target: ground-truth label (paper) or teacher argmax (authors' code).")
-@click.option("--quantile", type=float, default=_Default(_PRECOMPUTE + "quantile"), show_default=True,
+@click.option("--quantile", type=float, default=Default(PRECOMPUTE + "quantile"), show_default=True,
               help="Zero attributions below this per-image |quantile|.")
-@click.option("--heat-threshold", type=float, default=_Default(_PRECOMPUTE + "heat_threshold"),
+@click.option("--heat-threshold", type=float, default=Default(PRECOMPUTE + "heat_threshold"),
               show_default=True)
 @click.option("--no-images", is_flag=True, help="Do not store images (training then needs --dataset).")
-@click.option("--chunk-size", type=int, default=_Default(_PRECOMPUTE + "chunk_size"), show_default=True)
+@click.option("--chunk-size", type=int, default=Default(PRECOMPUTE + "chunk_size"), show_default=True)
 @click.option("--shard-chunks", type=int, default=None, help="Chunks per shard file.")
-@click.option("--batch-size", type=int, default=_Default(_PRECOMPUTE + "batch_size"), show_default=True)
-@click.option("--workers", type=int, default=_Default(_PRECOMPUTE + "workers"), show_default=True,
+@click.option("--batch-size", type=int, default=Default(PRECOMPUTE + "batch_size"), show_default=True)
+@click.option("--workers", type=int, default=Default(PRECOMPUTE + "workers"), show_default=True,
               help="Local dask workers.")
 @click.option("--scheduler", default=None, help="Address of an existing dask scheduler.")
-@click.option("--threads-per-worker", type=int, default=_Default(_PRECOMPUTE + "threads_per_worker"),
+@click.option("--threads-per-worker", type=int, default=Default(PRECOMPUTE + "threads_per_worker"),
               show_default=True)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto (maps are byte-identical only on the same device type).")
-@click.option("--seed", type=int, default=_Default(_PRECOMPUTE + "seed"), show_default=True)
+@click.option("--seed", type=int, default=Default(PRECOMPUTE + "seed"), show_default=True)
 @click.option("--quiet", is_flag=True)
 @click.option("--overwrite", is_flag=True,
               help="Replace maps of the same name that were computed with other settings.")
@@ -390,9 +168,9 @@ def precompute(**kw: Any) -> None:
 
     data = build_data_spec(kw)
     cfg = PrecomputeConfig(
-        store=kw["store"], data=data, splits=_csv(kw["splits"]), map_splits=_csv(kw["map_splits"]),
+        store=kw["store"], data=data, splits=csv_values(kw["splits"]), map_splits=csv_values(kw["map_splits"]),
         with_images=not kw["no_images"], teachers=tuple(kw["teachers"]), cam_layer=kw["cam_layer"],
-        methods=_csv(kw["methods"]) if kw["teachers"] else (), weak=_csv(kw["weak"]),
+        methods=csv_values(kw["methods"]) if kw["teachers"] else (), weak=csv_values(kw["weak"]),
         target_rule=kw["target_rule"], quantile=kw["quantile"], heat_threshold=kw["heat_threshold"],
         chunk_size=kw["chunk_size"], shard_chunks=kw["shard_chunks"], batch_size=kw["batch_size"],
         workers=kw["workers"], scheduler=kw["scheduler"], threads_per_worker=kw["threads_per_worker"],
@@ -401,52 +179,52 @@ def precompute(**kw: Any) -> None:
     )
     res = run(cfg)
     names = ", ".join(f"{m['split']}/{m['name']}" for m in res["maps"]) or "no maps"
-    _echo_result(res, kw["as_json"], f"store {cfg.store}: {names} complete "
+    echo_result(res, kw["as_json"], f"store {cfg.store}: {names} complete "
                  f"({res['chunks_written']} chunks written in {res['seconds']:.1f}s)")
 
 
 @main.command()
 @config_option
 @data_options(required=False)
-@loop_options(_TRAIN)
+@loop_options(TRAIN)
 @click.option("--store", required=True, help="Store path or URL.")
 @click.option("--map", "maps", multiple=True, help="Cached map to stream (repeatable; several for multi-sat).")
-@click.option("--mode", type=str, default=_Default(_TRAIN + "mode"), show_default=True,
+@click.option("--mode", type=str, default=Default(TRAIN + "mode"), show_default=True,
               help="Training mode (see `sat list modes`).")
-@click.option("--split", type=str, default=_Default(_TRAIN + "split"), show_default=True)
-@click.option("--val-split", type=str, default=_Default(_TRAIN + "val_split"), show_default=True,
+@click.option("--split", type=str, default=Default(TRAIN + "split"), show_default=True)
+@click.option("--val-split", type=str, default=Default(TRAIN + "val_split"), show_default=True,
               help="'' to skip validation.")
-@click.option("--arch", type=str, default=_Default(_TRAIN + "arch"), show_default=True)
-@click.option("--width", type=int, default=_Default(_TRAIN + "width"), show_default=True)
-@click.option("--eps", type=float, default=_Default(_PERTURB + "eps", per=255), show_default=True,
+@click.option("--arch", type=str, default=Default(TRAIN + "arch"), show_default=True)
+@click.option("--width", type=int, default=Default(TRAIN + "width"), show_default=True)
+@click.option("--eps", type=float, default=Default(PERTURB + "eps", per=255), show_default=True,
               help="Training budget of PGD/TRADES/FGSM-RS (/255).")
-@click.option("--sat-eps", type=float, default=_Default(_PERTURB + "sat_eps", per=255),
+@click.option("--sat-eps", type=float, default=Default(PERTURB + "sat_eps", per=255),
               show_default=True, help="SAT ε0 (/255).")
-@click.option("--sat-alpha", type=float, default=_Default(_PERTURB + "sat_alpha"), show_default=True,
+@click.option("--sat-alpha", type=float, default=Default(PERTURB + "sat_alpha"), show_default=True,
               help="SAT α (random-direction decay).")
 @click.option("--sat-reach", type=float, default=None,
               help="Express the SAT schedule against run length: α^t reaches 0.6 at this fraction of training.")
-@click.option("--mix-p", type=float, default=_Default(_PERTURB + "mix_p"), show_default=True,
+@click.option("--mix-p", type=float, default=Default(PERTURB + "mix_p"), show_default=True,
               help="P(SAT branch) for pgd-sat / trades-sat.")
-@click.option("--trades-beta", type=float, default=_Default(_PERTURB + "trades_beta"), show_default=True)
-@click.option("--pgd-steps", type=int, default=_Default(_PERTURB + "pgd_steps"), show_default=True)
-@click.option("--pgd-step-size", type=float, default=_Default(_PERTURB + "pgd_step_size", per=255),
+@click.option("--trades-beta", type=float, default=Default(PERTURB + "trades_beta"), show_default=True)
+@click.option("--pgd-steps", type=int, default=Default(PERTURB + "pgd_steps"), show_default=True)
+@click.option("--pgd-step-size", type=float, default=Default(PERTURB + "pgd_step_size", per=255),
               show_default=True, help="PGD/TRADES step (/255).")
-@click.option("--trades-steps", type=int, default=_Default(_PERTURB + "trades_steps"), show_default=True)
-@click.option("--uniform-eps", type=float, default=_Default(_PERTURB + "uniform_eps", per=255),
+@click.option("--trades-steps", type=int, default=Default(PERTURB + "trades_steps"), show_default=True)
+@click.option("--uniform-eps", type=float, default=Default(PERTURB + "uniform_eps", per=255),
               show_default=True, help="Uniform-noise budget (/255).")
-@click.option("--fgsm-alpha", type=float, default=_Default(_PERTURB + "fgsm_rs_alpha", per=255),
+@click.option("--fgsm-alpha", type=float, default=Default(PERTURB + "fgsm_rs_alpha", per=255),
               show_default=True, help="FGSM-RS step (/255).")
-@click.option("--gradnorm-lambda", type=float, default=_Default(_PERTURB + "gradnorm_lambda"),
+@click.option("--gradnorm-lambda", type=float, default=Default(PERTURB + "gradnorm_lambda"),
               show_default=True, help="gradnorm: weight of mean ||grad_x CE||^2 (x in [0, 1] pixels).")
-@click.option("--sgt-fraction", type=float, default=_Default(_PERTURB + "sgt_fraction"),
+@click.option("--sgt-fraction", type=float, default=Default(PERTURB + "sgt_fraction"),
               show_default=True,
               help="sgt: fraction of input features masked (smallest |gradient|), in (0, 1).")
-@click.option("--sgt-fill", type=str, default=_Default(_PERTURB + "sgt_fill"), show_default=True,
+@click.option("--sgt-fill", type=str, default=Default(PERTURB + "sgt_fill"), show_default=True,
               help="sgt: masked values, 'uniform' (image's range) or 'channel-mean'.")
-@click.option("--sgt-lambda", type=float, default=_Default(_PERTURB + "sgt_lambda"),
+@click.option("--sgt-lambda", type=float, default=Default(PERTURB + "sgt_lambda"),
               show_default=True, help="sgt: weight of the KL term.")
-@click.option("--workers", type=int, default=_Default(_TRAIN + "workers"), show_default=True,
+@click.option("--workers", type=int, default=Default(TRAIN + "workers"), show_default=True,
               help="DataLoader worker processes.")
 @click.option("--out", required=True, type=click.Path(), help="Run directory.")
 @click.option("--resume", is_flag=True, help="Continue from <out>/checkpoints/last.safetensors.")
@@ -463,7 +241,7 @@ def train(**kw: Any) -> None:
     check_out_dir(kw["out"])
     data = build_data_spec(kw)
     loop = build_loop(kw)
-    px = {name: _per255(kw, name) for name in
+    px = {name: per255(kw, name) for name in
           ("eps", "sat_eps", "pgd_step_size", "uniform_eps", "fgsm_alpha")}
     perturb = PerturbConfig(
         eps=px["eps"], sat_eps=px["sat_eps"], sat_alpha=kw["sat_alpha"],
@@ -483,9 +261,9 @@ def train(**kw: Any) -> None:
     try:
         res = run(cfg)
     except IncompleteMapError as e:
-        raise _partial_advice(e, "pass --allow-partial") from None
+        raise partial_advice(e, "pass --allow-partial") from None
     f = res["final"]
-    _echo_result(res, kw["as_json"], f"run {res['run_dir']}: epoch {f.get('epoch')} "
+    echo_result(res, kw["as_json"], f"run {res['run_dir']}: epoch {f.get('epoch')} "
                  f"val_acc={f.get('val_acc', float('nan')):.4f} "
                  f"val_robust_acc={f.get('val_robust_acc', float('nan')):.4f}")
 
@@ -495,16 +273,16 @@ def train(**kw: Any) -> None:
 @data_options(required=False)
 @click.option("--checkpoint", required=True, type=click.Path(), help="Checkpoint to attack.")
 @click.option("--store", default=None, help="Evaluate on this store's split (or give --dataset).")
-@click.option("--split", type=str, default=_Default(_EVAL + "split"), show_default=True)
-@click.option("--attacks", type=str, default=_Default(_EVAL + "attacks"), show_default=True,
+@click.option("--split", type=str, default=Default(EVAL + "split"), show_default=True)
+@click.option("--attacks", type=str, default=Default(EVAL + "attacks"), show_default=True,
               help="Comma-separated attacks (see `sat list attacks`).")
-@click.option("--eps", type=str, default=_Default(_EVAL + "eps"), show_default=True,
+@click.option("--eps", type=str, default=Default(EVAL + "eps"), show_default=True,
               help="Budgets in /255 units.")
-@click.option("--uniform-eps", type=str, default=_Default(_EVAL + "uniform_eps"), show_default=True,
+@click.option("--uniform-eps", type=str, default=Default(EVAL + "uniform_eps"), show_default=True,
               help="Uniform-noise budgets (/255).")
 @click.option("--map", default=None, help="Cached map for the saliency-map attack.")
 @click.option("--max-samples", type=int, default=None)
-@click.option("--batch-size", type=int, default=_Default(_EVAL + "batch_size"), show_default=True)
+@click.option("--batch-size", type=int, default=Default(EVAL + "batch_size"), show_default=True)
 @click.option("--no-alignment", is_flag=True)
 @click.option("--no-boundary", is_flag=True, help="Skip the FAB boundary distance (slow on CPU).")
 @click.option("--boundary-samples", type=int, default=100, show_default=True,
@@ -515,7 +293,7 @@ def train(**kw: Any) -> None:
 @click.option("--arch", "expect_arch", default=None, help="Refuse a checkpoint of another architecture.")
 @click.option("--out", default=None, type=click.Path(), help="Output directory (default <run>/eval).")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--seed", type=int, default=_Default(_EVAL + "seed"), show_default=True)
+@click.option("--seed", type=int, default=Default(EVAL + "seed"), show_default=True)
 @click.option("--quiet", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 def eval_cmd(**kw: Any) -> None:
@@ -525,8 +303,8 @@ def eval_cmd(**kw: Any) -> None:
 
     data = build_data_spec(kw)
     cfg = EvalConfig(
-        checkpoint=kw["checkpoint"], out=kw["out"], attacks=_csv(kw["attacks"]),
-        eps=_csv(kw["eps"], float), uniform_eps=_csv(kw["uniform_eps"], float), store=kw["store"],
+        checkpoint=kw["checkpoint"], out=kw["out"], attacks=csv_values(kw["attacks"]),
+        eps=csv_values(kw["eps"], float), uniform_eps=csv_values(kw["uniform_eps"], float), store=kw["store"],
         data=data, split=kw["split"], map=kw["map"], max_samples=kw["max_samples"],
         batch_size=kw["batch_size"], alignment=not kw["no_alignment"], expect_arch=kw["expect_arch"],
         boundary=not kw["no_boundary"], boundary_samples=kw["boundary_samples"],
@@ -537,14 +315,14 @@ def eval_cmd(**kw: Any) -> None:
     try:
         res = run(cfg)
     except IncompleteMapError as e:  # eval has no --allow-partial: attacks need whole maps
-        raise _partial_advice(e, "run the same `sat precompute` again (it resumes)") from None
-    _echo_result(res, kw["as_json"], results_markdown(res))
+        raise partial_advice(e, "run the same `sat precompute` again (it resumes)") from None
+    echo_result(res, kw["as_json"], results_markdown(res))
 
 
 @main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="Directory for tables and plots.")
-@click.option("--title", type=str, default=_Default("pipelines.report:ReportConfig.title"),
+@click.option("--title", type=str, default=Default("pipelines.report:ReportConfig.title"),
               show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def report(runs: tuple[str, ...], out: str, title: str, as_json: bool) -> None:
@@ -552,13 +330,13 @@ def report(runs: tuple[str, ...], out: str, title: str, as_json: bool) -> None:
     from pipelines.report import ReportConfig, run
 
     res = run(ReportConfig(runs=runs, out=out, title=title))
-    _echo_result(res, as_json, (open(f"{out}/report.md").read()))
+    echo_result(res, as_json, (open(f"{out}/report.md").read()))
 
 
 @main.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path())
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--workers", type=int, default=_Default(_COMPARE + "workers"), show_default=True,
+@click.option("--workers", type=int, default=Default(COMPARE + "workers"), show_default=True,
               help="Dask workers for precompute.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo(out: str, device: str, workers: int, quiet: bool) -> None:
