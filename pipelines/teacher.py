@@ -19,8 +19,9 @@ import torch
 from pipelines.common import DataSpec, config_dict, git_sha, write_json
 from saliency_cache.errors import SatError
 from saliency_cache.store import TEACHER_MODES
+from trainer.batches import ArraySource
 from trainer.checkpoint import Checkpoint, save_checkpoint
-from trainer.loop import ArraySource, LoopConfig, fit
+from trainer.loop import LoopConfig, fit
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import torch
 from saliency_cache.encoding import lookup_table, packed_nbytes
 from saliency_cache.errors import CorruptChunkError, MismatchError, SatError
 from saliency_cache.store import SaliencyStore
-from trainer.loop import Batch, epoch_seed
+from trainer.batches import Batch, epoch_seed
 
 
 @dataclass(frozen=True)
