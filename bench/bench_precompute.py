@@ -110,6 +110,8 @@ def _warm_worker() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The benchmark, top to bottom (long on purpose: every figure of the results file is
+    measured here in one run, one after another, so that the ratios compare like with like)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench/results/precompute.json", help="JSON result file.")
     ap.add_argument("--n", type=int, default=1024, help="Images in the store.")

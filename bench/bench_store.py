@@ -137,6 +137,8 @@ def bench_encoding(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The benchmark, top to bottom (long on purpose: every figure of the results file is
+    measured here in one run, one after another, so that the ratios compare like with like)."""
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -246,6 +246,8 @@ def count_sat_branches(mode):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The benchmark, top to bottom (long on purpose: every figure of the results file is
+    measured here in one run, one after another, so that the ratios compare like with like)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench/results/train.json"))
     ap.add_argument("--n", type=int, default=1024, help="training samples")

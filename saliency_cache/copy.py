@@ -52,6 +52,9 @@ def copy_store(
 ) -> dict[str, Any]:
     """Copy the store at ``src`` to ``dst`` byte for byte, then verify the copy.
 
+    (Long on purpose: the refusals, the copy and the verification share the state that a
+    failure has to undo, the files written so far at ``dst``.)
+
     Args:
         src: path or fsspec URL of an existing store (``https://`` works when the host lists
             directories or the store carries a manifest).

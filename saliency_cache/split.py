@@ -297,6 +297,9 @@ class Split:
     ) -> MapWriter:
         """Create a map, or resume the map of that name if its provenance is the same.
 
+        (Long on purpose: the checks, the resume decision and the creation run under one
+        writer lock, which a split into helpers would have to hand around.)
+
         Args:
             name: sanitised with :func:`sanitize_map_name`.
             provenance: a dict or :class:`Provenance`; ``encoding``, ``created`` and

@@ -221,6 +221,11 @@ def _lost_files(sp: Split, name: str, problems: list[Problem]) -> frozenset[int]
 
 
 def _check_map(sp: Split, name: str) -> list[Problem]:
+    """Every problem of one map: metadata, completeness, lost files, checksums, values.
+
+    One function on purpose: the checks run in order and each later one needs what the earlier
+    ones established (a readable map, its done flags), so splitting it would pass that state
+    around instead."""
     problems: list[Problem] = []
 
     def add(kind: str, msg: str, chunk: int | None = None) -> None:
