@@ -10,7 +10,7 @@ DATA_DIR ?= data
 
 .PHONY: install test test-all lint bench bench-store bench-precompute bench-train data clean lock \
         demo teacher precompute train eval report repro-tiny repro-flowers \
-        repro-cifar10 repro-cifar10-maps check-data
+        repro-cifar10 repro-cifar10-maps repro-companions check-data
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -102,6 +102,10 @@ VARIANT ?=
 VARIANT_ARG = $(if $(VARIANT),--variant $(VARIANT))
 repro-tiny: $(STAMP) check-data
 	$(SAT) compare --preset tiny $(VARIANT_ARG) --data-root $(DATA) --device $(DEVICE) --out $(RUN)/repro$(VARIANT)
+
+# SAT beside the companion papers' methods (sgt, gradnorm) on Tiny ImageNet-20: docs/RESULTS.md.
+repro-companions: $(STAMP) check-data
+	$(SAT) compare --preset companions $(VARIANT_ARG) --data-root $(DATA) --device $(DEVICE) --out $(RUN)/companions$(VARIANT)
 
 repro-flowers: $(STAMP)
 	$(SAT) compare --preset flowers $(VARIANT_ARG) --data-root $(or $(FLOWERS),$(DATA_DIR)/oxford17-flowers-seg) \
