@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.claims import Experiment, Group, claims_markdown
-from pipelines.report import STRONG_ATTACKS, TABLE1_ATTACK, RunResult, _check_results, _load_run
+from pipelines.report import STRONG_ATTACKS, TABLE1_ATTACK, RunResult, load_run, read_results_file
 from pipelines.stats import Interval, fmt, fmt_difference, interval, paired, paired_ratio
 from saliency_cache.errors import SatError
 
@@ -55,7 +55,7 @@ def load(path: str | Path) -> tuple[Experiment, list[RunResult]]:
             raise _bad(p, f"group {g!r} lacks name, mode or runs")
         results, times, label = {}, {}, None
         for r in g["runs"]:
-            run = _load_run(r["run"])
+            run = load_run(r["run"])
             res = {**run.results, "attacks": dict(run.results["attacks"])}
             for extra in r.get("extra_results", []):
                 res["attacks"].update(_extra(Path(extra)))
@@ -79,15 +79,9 @@ def load(path: str | Path) -> tuple[Experiment, list[RunResult]]:
 
 
 def _extra(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise SatError(f"no evaluation results in {path} (run `sat compare` again to evaluate)")
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SatError(f"{path} is not a results file written by `sat eval` ({e})") from None
-    if not isinstance(doc, dict) or "results" not in doc:
-        raise SatError(f"{path} is not a results file written by `sat eval` (no 'results')")
-    return _check_results(doc["results"], path)["attacks"]
+    """The attacks of an extra evaluation (AutoAttack) of a run."""
+    _, results = read_results_file(path, f"{path} (run `sat compare` again to evaluate)")
+    return results["attacks"]
 
 
 # ---- tables ------------------------------------------------------------------------------------

@@ -82,18 +82,25 @@ def _check_results(results: Any, where: Path) -> dict[str, Any]:
     return {**results, "attacks": attacks}
 
 
-def _load_run(path: str) -> RunResult:
-    p = Path(path)
-    res_path = p if p.is_file() else p / "eval" / "results.json"
+def read_results_file(res_path: Path, missing: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the whole ``results.json`` of ``sat eval``, its checked ``results``); SatError naming
+    the file when it is absent (``missing`` says what to do), unreadable or not such a file."""
     if not res_path.is_file():
-        raise SatError(f"no evaluation results in {path} (expected {res_path}; run `sat eval` first)")
+        raise SatError(f"no evaluation results in {missing}")
     try:
         summary = json.loads(res_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SatError(f"{res_path} is not a results file written by `sat eval` ({e})") from None
     if not isinstance(summary, dict) or "results" not in summary:
         raise SatError(f"{res_path} is not a results file written by `sat eval` (no 'results')")
-    results = _check_results(summary["results"], res_path)
+    return summary, _check_results(summary["results"], res_path)
+
+
+def load_run(path: str) -> RunResult:
+    p = Path(path)
+    res_path = p if p.is_file() else p / "eval" / "results.json"
+    summary, results = read_results_file(
+        res_path, f"{path} (expected {res_path}; run `sat eval` first)")
     run_dir = res_path.parent.parent if res_path.parent.name == "eval" else res_path.parent
     times = []
     metrics = run_dir / "metrics.jsonl"
@@ -232,7 +239,7 @@ def run(cfg: ReportConfig) -> dict[str, Any]:
         tables = experiment_report.build_tables(exp)
         titles.update(experiment_report.TITLES)
     else:
-        runs = [_load_run(r) for r in cfg.runs]
+        runs = [load_run(r) for r in cfg.runs]
         tables = build_tables(runs)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -153,11 +153,11 @@ def test_report_tables_csv_markdown_and_plots(three_runs, tmp_path):
 
 
 def test_epoch_time_is_the_mean_over_epochs(three_runs):
-    from pipelines.report import _load_run
+    from pipelines.report import load_run
 
-    assert _load_run(three_runs[0]).epoch_time == pytest.approx(2.0)
-    assert _load_run(three_runs[1]).epoch_time == pytest.approx(0.5)
-    assert _load_run(three_runs[2]).epoch_time is None
+    assert load_run(three_runs[0]).epoch_time == pytest.approx(2.0)
+    assert load_run(three_runs[1]).epoch_time == pytest.approx(0.5)
+    assert load_run(three_runs[2]).epoch_time is None
 
 
 def test_report_without_times_or_pgd5_writes_what_it_can(tmp_path):

@@ -357,15 +357,18 @@ class _TradesMode(TrainingMode):
         # Two forwards, as in the official code, so BatchNorm sees clean and adversarial
         # batches separately.
         logits_nat = model(x_nat)
-        logits_adv = model(x_adv)
-        natural = F.cross_entropy(logits_nat.float(), y)
-        robust = F.kl_div(
-            F.log_softmax(logits_adv.float(), dim=1),
-            F.softmax(logits_nat.float(), dim=1),
-            reduction="batchmean",
-        )
-        return natural + self.cfg.trades_beta * robust, logits_nat
+        return ce_plus_kl(logits_nat, model(x_adv), y, self.cfg.trades_beta), logits_nat
 
+
+
+def ce_plus_kl(logits: torch.Tensor, logits_other: torch.Tensor, y: torch.Tensor,
+               weight: float) -> torch.Tensor:
+    """CE(f(x), y) + weight · KL(f(x) ‖ f(x')), batch means, in float32: TRADES' loss, and
+    saliency-guided training's with x' the masked input. logits: (B, K) of x; logits_other:
+    (B, K) of x'; y: int64 (B,)."""
+    kl = F.kl_div(F.log_softmax(logits_other.float(), dim=1), F.softmax(logits.float(), dim=1),
+                  reduction="batchmean")
+    return F.cross_entropy(logits.float(), y) + weight * kl
 
 @_register("standard")
 class Standard(_CEMode):

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from saliency_cache.errors import SatError
 from trainer.attacks import AMP_GRAD_SCALE, true_logit_grad
 from trainer.modules import unwrap
-from trainer.perturb import SGT_FILLS, TrainingMode, _register
+from trainer.perturb import SGT_FILLS, TrainingMode, _register, ce_plus_kl
 
 
 def grad_norm_sq(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
@@ -134,11 +134,4 @@ class SGT(TrainingMode):
             x, g, fraction=self.cfg.sgt_fraction, fill=self.cfg.sgt_fill, generator=generator
         )
         logits = model(x)
-        logits_masked = model(x_masked)
-        ce = F.cross_entropy(logits.float(), y)
-        kl = F.kl_div(
-            F.log_softmax(logits_masked.float(), dim=1),
-            F.softmax(logits.float(), dim=1),
-            reduction="batchmean",
-        )
-        return ce + self.cfg.sgt_lambda * kl, logits
+        return ce_plus_kl(logits, model(x_masked), y, self.cfg.sgt_lambda), logits
