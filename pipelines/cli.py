@@ -285,9 +285,9 @@ def train(**kw: Any) -> None:
 @click.option("--batch-size", type=int, default=Default(EVAL + "batch_size"), show_default=True)
 @click.option("--no-alignment", is_flag=True)
 @click.option("--no-boundary", is_flag=True, help="Skip the FAB boundary distance (slow on CPU).")
-@click.option("--boundary-samples", type=int, default=100, show_default=True,
+@click.option("--boundary-samples", type=int, default=Default(EVAL + "boundary_samples"), show_default=True,
               help="Images (the first N evaluated) whose boundary distance is measured.")
-@click.option("--boundary-steps", type=int, default=20, show_default=True, help="FAB iterations.")
+@click.option("--boundary-steps", type=int, default=Default(EVAL + "boundary_steps"), show_default=True, help="FAB iterations.")
 @click.option("-o", "--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
               help="fsspec option for a remote store (repeatable; VALUE may be JSON).")
 @click.option("--arch", "expect_arch", default=None, help="Refuse a checkpoint of another architecture.")
