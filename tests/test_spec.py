@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from pipelines.cli import main
 from pipelines.spec import list_presets, load_spec, preset_path
 
-PRESETS = ("cifar10", "cifar10-maps", "demo", "flowers", "tiny")
+PRESETS = ("cifar10", "cifar10-maps", "companions", "demo", "flowers", "tiny")
 
 GOOD = """\
 title: t
