@@ -22,7 +22,11 @@ from saliency_cache.errors import SatError
 from trainer.loop import LoopConfig
 from trainer.perturb import PerturbConfig
 
-ROBUST_MODES = ("pgd", "pgd+uniform", "pgd-sat", "trades", "trades+uniform", "trades-sat")
+# Rows whose robustness the report claims or tests get AutoAttack too: adversarial training,
+# and the companion papers' regularisers (a gradient penalty or input masking can look robust
+# to PGD by obscuring the gradient; AutoAttack's gradient-free Square attack checks that).
+ROBUST_MODES = ("pgd", "pgd+uniform", "pgd-sat", "trades", "trades+uniform", "trades-sat",
+                "sgt", "gradnorm")
 
 
 @dataclass(frozen=True)
