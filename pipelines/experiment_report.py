@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.claims import Experiment, Group, claims_markdown
-from pipelines.report import STRONG_ATTACKS, TABLE1_ATTACK, RunResult, load_run, read_results_file
+from pipelines.report import (
+    STRONG_ATTACKS,
+    TABLE1_ATTACK,
+    RunResult,
+    load_run,
+    read_results_file,
+    save_plot,
+)
 from pipelines.stats import Interval, fmt, fmt_difference, interval, paired, paired_ratio
 from saliency_cache.errors import SatError
 
@@ -233,12 +240,7 @@ def plots(exp: Experiment, out: Path) -> list[str]:
         # than stretching the axis until the means cannot be told apart.
         ax.set_ylim(-2, 102)
         ax.set_title("Accuracy under PGD-5 (intervals cut at 0 and 100)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "accuracy_vs_eps.png", dpi=120)
-        plt.close(fig)
-        written.append("accuracy_vs_eps.png")
+        written.append(save_plot(fig, ax, out, "accuracy_vs_eps.png"))
     pts = [(g, g.values(TABLE1_ATTACK, exp.robust_eps)) for g in exp.groups if g.epoch_time]
     pts = [(g, v) for g, v in pts if v]
     if pts:
@@ -251,12 +253,7 @@ def plots(exp: Experiment, out: Path) -> list[str]:
         ax.set_ylim(-2, 102)
         ax.set_xlim(left=0)
         ax.set_title("Cost and robustness (mean ± 95 % interval over seeds)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "cost_robustness.png", dpi=120)
-        plt.close(fig)
-        written.append("cost_robustness.png")
+        written.append(save_plot(fig, ax, out, "cost_robustness.png"))
     return written
 
 

@@ -186,6 +186,19 @@ def build_tables(runs: list[RunResult]) -> dict[str, tuple[str, str]]:
     return tables
 
 
+def save_plot(fig, ax, out: Path, name: str) -> str:
+    """Grid and legend on ``ax``, then ``fig`` written to ``out / name`` (PNG, 120 dpi) and
+    closed; returns ``name`` for the report's list of plots."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=120)
+    plt.close(fig)
+    return name
+
+
 def _plots(runs: list[RunResult], out: Path) -> list[str]:
     import matplotlib
 
@@ -204,12 +217,7 @@ def _plots(runs: list[RunResult], out: Path) -> list[str]:
         ax.set_xlabel("ε (/255), PGD-5; 0 = clean")
         ax.set_ylabel("accuracy (%)")
         ax.set_title("Accuracy under PGD-5")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "accuracy_vs_eps.png", dpi=120)
-        plt.close(fig)
-        written.append("accuracy_vs_eps.png")
+        written.append(save_plot(fig, ax, out, "accuracy_vs_eps.png"))
     timed = [r for r in runs if r.epoch_time is not None]
     if timed:
         fig, ax = plt.subplots(figsize=(6.4, 0.45 * len(timed) + 1.5))
