@@ -55,6 +55,18 @@ TARGETS = {
     "cached_over_online_sat_epoch_time": ("<=", 0.55),
     "loader_over_consumption_rate": (">=", 20.0),
 }
+# Maps that cost many teacher passes per image (section 1 of issue 14), their parameters
+# and the target for cached / online SAT. The limit is 3 / (3 + 2 * passes): a student step
+# is ~3 conv passes (forward, input and weight backward), the online teacher's ~2 per pass.
+EXPENSIVE = {
+    "smoothgrad16": {"method": "smoothgrad", "nt_samples": 16},
+    "ig32": {"method": "ig", "n_steps": 32},
+}
+EXPENSIVE_PASSES = {"smoothgrad16": 16, "ig32": 32}
+EXPENSIVE_TARGETS = {
+    "cached_over_online_sat_smoothgrad16_epoch_time": ("<=", 0.12),
+    "cached_over_online_sat_ig32_epoch_time": ("<=", 0.07),
+}
 
 
 def _versions() -> dict:
@@ -90,8 +102,15 @@ def _git_sha() -> str | None:
 # --------------------------------------------------------------------------- store
 
 
-def build_store(path: Path, args, teacher: torch.nn.Module) -> tuple[str, str]:
-    """Write the synthetic split with images, and the teacher's GBP map as precompute would."""
+def build_store(path: Path, args, teacher: torch.nn.Module,
+                methods: dict[str, dict] | None = None) -> tuple[str, dict[str, tuple[str, float]]]:
+    """Write the synthetic split with images, then one teacher map per method as precompute
+    would (the teacher per chunk, signs, packing, writes).
+
+    ``methods``: label -> ``{"method": name, **params}``; GBP under ``"gbp"`` is always
+    written. Returns the store's path and, per label, (map name, seconds to write the map),
+    the latter being the one precompute that the break-even figures charge to the cache.
+    """
     from pipelines.common import DataSpec
     from saliency_cache.store import SaliencyStore, map_name_from_provenance
     from trainer.saliency import compute_maps, create_method
@@ -100,43 +119,50 @@ def build_store(path: Path, args, teacher: torch.nn.Module) -> tuple[str, str]:
                                         "num_classes": args.num_classes, "seed": 0})
     ds = data.open("train")
     st = SaliencyStore.open(path, "w")
+    labels = np.asarray(ds.labels(), dtype=np.int64)
     sp = st.create_split(
-        "train", labels=np.asarray(ds.labels(), dtype=np.int64), ids=ds.ids(),
+        "train", labels=labels, ids=ds.ids(),
         fingerprint=ds.fingerprint(), image_shape=tuple(ds.image_shape),
         num_classes=ds.num_classes, class_names=list(ds.class_names), dataset=ds.describe(),
         chunk_size=args.chunk_size, with_images=True,
     )
-    labels = np.asarray(ds.labels(), dtype=np.int64)
-    method = create_method("gbp")
-    prov = {"source": "teacher", "teacher_arch": "resnet10", "teacher_mode": "standard",
-            "checkpoint_sha256": None, "method": "gbp", "method_params": method.params,
-            "threshold": 0.0, "target_rule": "label", "note": "bench: random-init teacher"}
-    name = map_name_from_provenance({**prov, "encoding": "ternary"})
-    with sp.create_map(name, provenance=prov, encoding="ternary", channels=3) as w:
-        for k in range(w.n_chunks):
-            s, e = w.chunk_bounds(k)
-            imgs = np.asarray(ds.load_images(s, e), dtype=np.uint8)
-            sp.write_images(s, imgs)
-            x = torch.from_numpy(imgs).float().div_(255.0)
-            maps, enc = compute_maps(method, teacher, x, torch.from_numpy(labels[s:e]))
-            assert enc == "ternary"
-            w.write_chunk(k, maps)
-        assert w.finalize()
+    for s in range(0, args.n, args.chunk_size):
+        sp.write_images(s, np.asarray(ds.load_images(s, min(args.n, s + args.chunk_size)),
+                                      dtype=np.uint8))
     sp.mark_images_complete()
-    return str(path), name
+    out: dict[str, tuple[str, float]] = {}
+    for label, spec in {"gbp": {"method": "gbp"}, **(methods or {})}.items():
+        params = {k: v for k, v in spec.items() if k != "method"}
+        method = create_method(spec["method"], **params)
+        prov = {"source": "teacher", "teacher_arch": "resnet10", "teacher_mode": "standard",
+                "checkpoint_sha256": None, "method": method.name, "method_params": method.params,
+                "threshold": 0.0, "target_rule": "label", "note": "bench: random-init teacher"}
+        name = map_name_from_provenance({**prov, "encoding": "ternary"})
+        t0 = time.perf_counter()
+        with sp.create_map(name, provenance=prov, encoding="ternary", channels=3) as w:
+            for k in range(w.n_chunks):
+                s, e = w.chunk_bounds(k)
+                x = torch.from_numpy(sp.read_images(s, e)).float().div_(255.0)
+                maps, enc = compute_maps(method, teacher, x, torch.from_numpy(labels[s:e]))
+                assert enc == "ternary"
+                w.write_chunk(k, maps)
+            assert w.finalize()
+        out[label] = (name, time.perf_counter() - t0)
+    return str(path), out
 
 
 # --------------------------------------------------------------------------- online SAT
 
 
-def online_sat_mode(teacher: torch.nn.Module, cfg, per_image: bool = False):
-    """SAT whose maps a teacher computes inside the loop: GBP of the batch for its labels,
-    signed (quantile 0, as the cached map), then the same Eq. 9 perturbation as ``sat``.
-    ``per_image`` computes the maps one image at a time, as the authors' training loop does."""
+def online_sat_mode(teacher: torch.nn.Module, cfg, per_image: bool = False, method=None):
+    """SAT whose maps a teacher computes inside the loop: ``method`` (GBP by default) of the
+    batch for its labels, signed (quantile 0, as the cached map), then the same Eq. 9
+    perturbation as ``sat``. ``per_image`` computes the maps one image at a time, as the
+    authors' training loop does."""
     from trainer.perturb import TrainingMode
     from trainer.saliency import create_method, to_ternary
 
-    gbp = create_method("gbp")
+    saliency = create_method("gbp") if method is None else method
 
     class OnlineSat(TrainingMode):
         name = "online-sat"
@@ -144,10 +170,10 @@ def online_sat_mode(teacher: torch.nn.Module, cfg, per_image: bool = False):
 
         def compute(self, model, x, y, maps, *, epoch, generator):
             if per_image:
-                attr = torch.cat([gbp.attribute(teacher, x[i : i + 1], y[i : i + 1])
+                attr = torch.cat([saliency.attribute(teacher, x[i : i + 1], y[i : i + 1])
                                   for i in range(x.shape[0])])
             else:
-                attr = gbp.attribute(teacher, x, y)
+                attr = saliency.attribute(teacher, x, y)
             smap = to_ternary(attr, 0.0)
             x_in = self._sat(x, [smap], epoch, generator)
             logits = model(x_in)
@@ -182,7 +208,8 @@ class _TimedSource:
 class Runner:
     """Runs one epoch of a mode through ``trainer.loop.fit`` from fixed initial weights."""
 
-    def __init__(self, args, store: str, map_name: str, workdir: Path, device: torch.device):
+    def __init__(self, args, store: str, map_names: dict[str, str], workdir: Path,
+                 device: torch.device):
         from trainer.loader import StoreStream
         from trainer.models import create_model
 
@@ -193,7 +220,9 @@ class Runner:
         kw = dict(batch_size=args.batch_size, seed=0, buffer_blocks=4)
         self.streams = {
             "images": StoreStream(store, "train", (), **kw),
-            "maps": StoreStream(store, "train", (map_name,), **kw),
+            "maps": StoreStream(store, "train", (map_names["gbp"],), **kw),
+            **{f"maps:{label}": StoreStream(store, "train", (name,), **kw)
+               for label, name in map_names.items() if label != "gbp"},
         }
 
     def epoch(self, label: str, mode, source: str, seed: int) -> tuple[float, float]:
@@ -245,6 +274,40 @@ def count_sat_branches(mode):
     return counts
 
 
+def expensive_figures(built: dict[str, tuple[str, float]],
+                      pairs: dict[str, list[tuple[float, float]]],
+                      wall: dict[str, list[float]]) -> dict[str, dict]:
+    """Per map (GBP and the expensive methods): cached / online SAT, its limit, the one
+    precompute's seconds and the break-even.
+
+    Break-even: one precompute (``P`` seconds) replaces the teacher's work of every online
+    epoch, which costs ``D`` = online - cached seconds per epoch (median over rounds), so the
+    cache is cheaper once the students trained from it have run ``P / D`` epochs in all; a
+    single student of at least that many epochs already pays it back. ``P`` is measured on
+    the unaugmented images, ``D`` on the loop's augmented batches (the same number of images).
+    """
+    out: dict[str, dict] = {}
+    gbp_pairs = list(zip(wall.get("sat", []), wall.get("online_sat", []), strict=True))
+    for label, got in {"gbp": gbp_pairs, **pairs}.items():
+        if label not in built or not got:
+            continue
+        passes = EXPENSIVE_PASSES.get(label, 1)
+        delta = statistics.median(o - c for c, o in got)
+        p = built[label][1]
+        out[label] = {
+            "map": built[label][0],
+            "teacher_passes_per_image": passes,
+            "precompute_s": p,
+            "cached_over_online": statistics.median(c / o for c, o in got),
+            "limit": 3 / (3 + 2 * passes),
+            "epoch_time_s_cached_online": got,
+            "online_minus_cached_s_per_epoch": delta,
+            "break_even_student_epochs": p / delta if delta > 0 else float("inf"),
+            "rounds": len(got),
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """The benchmark, top to bottom (long on purpose: every figure of the results file is
     measured here in one run, one after another, so that the ratios compare like with like)."""
@@ -260,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers (0: in-process)")
     ap.add_argument("--variant-rounds", type=int, default=2,
                     help="timed rounds of the informative online-SAT variants (0: skip them)")
+    ap.add_argument("--expensive-rounds", type=int, default=2,
+                    help="timed rounds of cached vs online SAT for SmoothGrad-16 and IG-32")
+    ap.add_argument("--no-expensive", dest="expensive", action="store_false",
+                    help="skip the SmoothGrad/IG maps (their precompute and online epochs)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 by default because two OpenMP threads stall badly "
                     "whenever another process holds one of the cores, and ratios are the point")
@@ -281,9 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        store, map_name = build_store(tmp / "store.zarr", args, teacher)
+        store, built = build_store(tmp / "store.zarr", args, teacher, EXPENSIVE if args.expensive else None)
         build_s = time.perf_counter() - t0
-        runner = Runner(args, store, map_name, tmp / "runs", device)
+        map_name = built["gbp"][0]
+        runner = Runner(args, store, {k: v[0] for k, v in built.items()}, tmp / "runs", device)
 
         pgdsat = create_mode("pgd-sat", cfg)
         modes = {
@@ -334,6 +402,24 @@ def main(argv: list[str] | None = None) -> int:
                   + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in wall.items() if v and rnd),
                   file=sys.stderr)
 
+        # Expensive maps: cached SAT from that method's map against the teacher computing the
+        # same method per batch, in rounds of their own (an online epoch costs 10-30 cached
+        # ones), the pair's order alternating between rounds.
+        expensive_wall: dict[str, list[tuple[float, float]]] = {k: [] for k in EXPENSIVE}
+        for rnd in range(1, args.expensive_rounds + 1 if args.expensive else 1):
+            for label, spec in EXPENSIVE.items():
+                from trainer.saliency import create_method
+
+                method = create_method(spec["method"], **{k: v for k, v in spec.items() if k != "method"})
+                online = online_sat_mode(teacher, cfg, method=method)
+                pair = [("cached", create_mode("sat", cfg), f"maps:{label}"), ("online", online, "images")]
+                times = {}
+                for side, mode, source in (pair if rnd % 2 else pair[::-1]):
+                    times[side] = runner.epoch(f"{label}-{side}", mode, source, seed=rnd)[0]
+                expensive_wall[label].append((times["cached"], times["online"]))
+                print(f"{label} round {rnd}: cached {times['cached']:.2f}s online "
+                      f"{times['online']:.2f}s", file=sys.stderr)
+
     n = runner.streams["maps"].num_samples
 
     def ratios(t: dict[str, list[float]]) -> dict[str, float]:
@@ -367,8 +453,16 @@ def main(argv: list[str] | None = None) -> int:
         f"cached_over_{k}_epoch_time": statistics.median(a / b for a, b in v)
         for k, v in variant_wall.items() if v
     }
+    expensive = expensive_figures(built, expensive_wall, wall)
+    for label, fig in expensive.items():
+        key = f"cached_over_online_sat_{label}_epoch_time"
+        if key in EXPENSIVE_TARGETS:
+            results[key] = fig["cached_over_online"]
+            op, tgt = EXPENSIVE_TARGETS[key]
+            met[key] = fig["cached_over_online"] <= tgt if op == "<=" else fig["cached_over_online"] >= tgt
     report = {
         **results,
+        "maps": expensive,
         "informative": {
             **variant_ratios,
             "epoch_time_s_median": {k: statistics.median(b for _, b in v)
@@ -382,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
                     "input-gradient backward against the student's forward, full backward and "
                     "optimiser step, so cached/online tends to ~0.6 as widths grow.",
         },
-        "targets": {k: f"{op} {tgt}" for k, (op, tgt) in TARGETS.items()},
+        "targets": {k: f"{op} {tgt}" for k, (op, tgt) in {**TARGETS, **EXPENSIVE_TARGETS}.items()
+                    if k in results},
         "targets_met": met,
         "how": "wall-clock epoch_time_s from trainer.loop.fit; each ratio is the median over "
                "rounds of the ratio of two epochs run back to back, except PGD-SAT / PGD, "
@@ -437,6 +532,14 @@ def main(argv: list[str] | None = None) -> int:
         flag = "ok" if met[k] else "MISSED"
         print(f"  {k:<36} {results[k]:7.3f}  (CPU time: {results_cpu[k]:7.3f})"
               f"  target {op} {tgt}: {flag}")
+    for label, fig in expensive.items():
+        key = f"cached_over_online_sat_{label}_epoch_time"
+        tgt = f"  target {' '.join(map(str, EXPENSIVE_TARGETS[key]))}: " \
+            f"{'ok' if met[key] else 'MISSED'}" if key in EXPENSIVE_TARGETS else ""
+        ratio = "" if fig["cached_over_online"] is None else f"{fig['cached_over_online']:7.3f}"
+        print(f"  {label:>12}: precompute {fig['precompute_s']:6.2f}s, cached/online {ratio:>7} "
+              f"(limit {fig['limit']:.3f}){tgt}; one precompute pays for itself after "
+              f"{fig['break_even_student_epochs']:.2f} student epochs")
     print(f"  pgd-sat took the SAT branch on {sat_share:.0%} of batches "
           f"(CPU-time ratio at exactly p={cfg.mix_p}: {expected_pgdsat:.3f})")
     for k, v in variant_ratios.items():
