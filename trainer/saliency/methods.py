@@ -331,8 +331,10 @@ class SmoothGrad(SaliencyMethod):
     bytes), so a map does not depend on the batch the image is in, its position there or the
     device, and the global RNG is never touched. The noisy copies of a whole batch are then
     stacked and differentiated together, at most ``_MAX_PASS_IMAGES`` images per
-    forward/backward pass: one image at a time, a pass saw only ``nt_samples`` images, which
-    leaves a GPU mostly idle.
+    forward/backward pass on an accelerator (``_CPU_PASS_IMAGES`` on a CPU, where smaller
+    passes are faster per image): one image at a time, a pass saw only ``nt_samples``
+    images, which leaves a GPU mostly idle. How the copies are grouped into passes does not
+    change the map (tested), so it is not part of the version.
 
     ``version`` 2 is this algorithm; version 1 (maps written before it) drew each image's
     noise from the global RNG inside ``fork_rng`` and ran captum one image at a time. The
