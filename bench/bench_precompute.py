@@ -22,6 +22,12 @@ Measured:
   excluded, the client exists before the clock starts and precompute uses it (target >= 1.7).
   Two single-thread processes on this 2-vCPU VM reach 1.74-1.86x on the bare teacher pass,
   so the target leaves dask a few percent; runs here gave 1.5-1.9;
+- ``smoothgrad16_over_passes_x_raw``, ``ig32_over_passes_x_raw`` (targets <= 1.20), and
+  Guided Grad-CAM++ (informative): an in-process precompute of that method on the first
+  ``--method-n`` images, over its teacher passes per image (16 noisy copies, 32 path
+  points, 2 for Guided Grad-CAM++ counted as guided backprop plus a Grad-CAM++ pass) times
+  the bare forward + backward of the same images at the same batch of 64. Below 1.0 means
+  the method needs fewer passes than it is charged for (Guided Grad-CAM++ shares one);
 - ``speedup_vs_per_image_online``: saliency computed one image at a time (batch of 1, as the
   authors' training loop does) over the precompute, measured on a subset and scaled to N.
 
