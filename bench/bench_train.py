@@ -18,6 +18,13 @@ augmentation, perturbation, forward, backward and optimiser step):
   computed one image at a time (the authors' loop), and a teacher larger than the student
   (ResNet-34 of the same width; not a pairing the paper used, whose students were ResNet-34
   with ResNet-10 or ResNet-34 teachers).
+- ``cached_over_online_sat_smoothgrad16_epoch_time`` (target <= 0.12, limit ~0.09) and
+  ``cached_over_online_sat_ig32_epoch_time`` (target <= 0.07, limit ~0.05): cached SAT from
+  a SmoothGrad-16 / IG-32 map of the store against the teacher computing that method per
+  batch in the loop, over ``--expensive-rounds`` rounds of their own. The limit is
+  3 / (3 + 2 x passes): a training step is about 3 conv passes, a teacher pass about 2.
+  Next to each (and GBP): the seconds of its one precompute, and the break-even, the
+  student epochs after which that precompute costs less than computing maps online.
 - ``loader_over_consumption_rate``: images/s of the loader alone (``StoreStream`` reading an
   epoch of images + packed maps and decoding the maps on the device) over images/s of SAT
   training. Target >= 20.
