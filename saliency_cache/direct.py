@@ -225,34 +225,34 @@ class DirectRows:
         key = self._key(f)
         per = self.shard // self.chunk
         try:
-            fd = os.open(self._root / key, os.O_RDONLY)
+            fh = open(self._root / key, "rb", buffering=0)  # closed by the with below
         except FileNotFoundError:
             for k, lo, hi, p in pieces:  # a shard never written (partial maps only)
                 self._put(None, k, lo, hi, flat, p, io)
             return
-        try:
-            index = self._shard_index(fd, f, per)
+        with fh:
+            index = self._shard_index(fh, f, per)
             for k, lo, hi, p in pieces:
                 off, nbytes = (int(x) for x in index[k - f * per])
                 if off == _EMPTY and nbytes == _EMPTY:
                     self._put(None, k, lo, hi, flat, p, io)
                     continue
                 view = io.bytes(nbytes)
-                got = os.preadv(fd, [view], off)
+                fh.seek(off)
+                got = fh.readinto(view)
                 self._put(view[:got], k, lo, hi, flat, p, io)
-        finally:
-            os.close(fd)
 
-    def _shard_index(self, fd: int, f: int, per: int) -> np.ndarray:
+    def _shard_index(self, fh, f: int, per: int) -> np.ndarray:
         """uint64 (per, 2): (offset, nbytes) of shard file ``f``'s chunks, cached per file
         identity (inode, size, mtime), so a file replaced by a writer is read anew."""
-        st = os.fstat(fd)
+        st = os.fstat(fh.fileno())
         ident = (st.st_ino, st.st_size, st.st_mtime_ns)
         hit = self._index.get(f)
         if hit is not None and hit[0] == ident:
             return hit[1]
         size = 16 * per + 4
-        raw = os.pread(fd, size, max(0, st.st_size - size))
+        fh.seek(max(0, st.st_size - size))
+        raw = fh.read(size)
         k0 = f * per
         where = f"shard file {self._url}/{self._key(f)} (chunks {k0}..{k0 + per - 1})"
         if len(raw) != size or crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
