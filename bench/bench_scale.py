@@ -12,10 +12,11 @@ it, each step in a fresh subprocess so that one N's memory does not leak into th
 2. ``first_start`` and ``later_start``: the steps :func:`pipelines.train.run` takes before
    its first optimiser step (``StoreStream`` with every check it runs, the second opening of
    the store for the maps' provenance, the epoch step counts ``fit`` asks for), then the
-   first batch with its maps decoded; then the loader's samples/s from the start of the
-   epoch over its first shuffle buffer and at least 50,000 samples; and the process's peak
-   RSS (``ru_maxrss``). The first start is the first after the precompute (no verification
-   record yet, :mod:`saliency_cache.verified`), a later start is any start after it.
+   first batch with its maps decoded; then (later starts only) the loader's samples/s from
+   the start of the epoch over its first shuffle buffer and at least 100,000 samples (more
+   epochs where the split is shorter); and the process's peak RSS (``ru_maxrss``). The
+   first start is the first after the precompute (no verification record yet,
+   :mod:`saliency_cache.verified`), a later start is any start after it.
 3. ``same_buffer``: a later start whose shuffle buffer is the smallest N's whole epoch at
    every N. Training's default buffer (512 MB) holds all of a small split but only part of a
    large one, so its cost grows with N up to that cap; this run separates that from growth
@@ -71,7 +72,7 @@ FIRST_BATCH_FLOOR_S = 10.0  # the "or 10 s, whichever is larger" of the first-ba
 BATCH_SIZE = 128  # `sat train`'s default
 EPOCHS = 10  # epoch step counts fit() computes before it starts (one per epoch)
 BLOCK = 256  # samples per generated block of the bench dataset
-LOADER_MIN_SAMPLES = 50_000  # the loader's rate is taken over at least this many samples
+LOADER_MIN_SAMPLES = 100_000  # the loader's rate is taken over at least this many samples
 
 
 # --------------------------------------------------------------------------- the dataset
@@ -266,12 +267,13 @@ class _Timers:
         setattr(owner, attr, timed)
 
 
-def child_train(store: str, maps: list[str], buffer_blocks: int | None) -> dict:
+def child_train(store: str, maps: list[str], buffer_blocks: int | None,
+                loader: bool = True) -> dict:
     """What ``sat train`` does before its first step, then the first batch, the loader's
-    rate and the peak RSS."""
+    rate (unless not ``loader``) and the peak RSS."""
     import torch
 
-    import trainer.loader as loader
+    import trainer.loader as loader_module
     from pipelines.common import tune_allocator
     from saliency_cache.split import Split
     from saliency_cache.store import SaliencyStore
@@ -280,7 +282,7 @@ def child_train(store: str, maps: list[str], buffer_blocks: int | None) -> dict:
     tune_allocator()
     torch.set_num_threads(1)
     timers = _Timers()
-    timers.wrap(loader, "check_map_integrity", "integrity_check_s")
+    timers.wrap(loader_module, "check_map_integrity", "integrity_check_s")
     timers.wrap(Split, "check_files", "split_check_files_s")
     timers.wrap(Split, "open_map", "open_map_s")
     cpu = torch.device("cpu")
@@ -306,10 +308,14 @@ def child_train(store: str, maps: list[str], buffer_blocks: int | None) -> dict:
     batch = next(batches)
     train.decode_maps(batch.maps, cpu)
     t_first = time.perf_counter() - t0
+    out.update(first_batch_s=t_first, buffer_blocks=stream.buffer_blocks)
+    if not loader:
+        return {**out, "peak_rss_mb": _rss_mb()}
     # The loader from the start of epoch 0 over its first shuffle buffer and at least
     # LOADER_MIN_SAMPLES (more epochs if the split is shorter): reading, shuffling, batching
     # and decoding the maps.
-    want = max(stream.buffer_blocks * stream.chunk_size, LOADER_MIN_SAMPLES) - BATCH_SIZE
+    first_buffer = min(stream.n, stream.buffer_blocks * stream.chunk_size)
+    want = max(first_buffer, LOADER_MIN_SAMPLES) - BATCH_SIZE
     seen, epoch = batch.images.shape[0], 0
     while seen < want:
         for batch in batches:
@@ -321,9 +327,8 @@ def child_train(store: str, maps: list[str], buffer_blocks: int | None) -> dict:
         batches = iter(train.epoch_batches(epoch))
     t_loader, c_loader = time.perf_counter() - t_iter, time.process_time() - c_iter
     return {
-        **out, "first_batch_s": t_first, "loader_samples": seen,
-        "loader_samples_per_s": seen / t_loader, "loader_samples_per_cpu_s": seen / c_loader,
-        "buffer_blocks": stream.buffer_blocks, "peak_rss_mb": _rss_mb(),
+        **out, "loader_samples": seen, "loader_samples_per_s": seen / t_loader,
+        "loader_samples_per_cpu_s": seen / c_loader, "peak_rss_mb": _rss_mb(),
     }
 
 
@@ -394,7 +399,7 @@ def _measure(n: int, root: Path, seed: int, same_blocks: int, env: dict) -> dict
     train = ["--child", "train", str(root / "store.zarr"), ",".join(pre["maps"])]
     return {
         "precompute": pre,
-        "first_start": _run_child(train, env),
+        "first_start": _run_child(["--child", "start", *train[2:]], env),
         "later_start": _run_child(train, env),
         "same_buffer": _run_child(["--buffer-blocks", str(same_blocks), *train], env),
     }
@@ -416,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         if kind == "precompute":
             out = child_precompute(int(rest[0]), Path(rest[1]), args.seed)
         else:
-            out = child_train(rest[0], rest[1].split(","), args.buffer_blocks)
+            out = child_train(rest[0], rest[1].split(","), args.buffer_blocks,
+                              loader=kind != "start")
         print(json.dumps(out))
         return 0
 

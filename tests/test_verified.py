@@ -12,7 +12,8 @@ from saliency_cache.store import SaliencyStore
 from tests.helpers import corrupt_chunk
 from trainer.loader import StoreStream
 
-N, CHUNK, SHARD = 40, 4, 3  # 10 chunks in shards of 3, 3, 3 and 1
+N, CHUNK, SHARD = 42, 4, 3  # 11 chunks (the last of 2 samples) in shards of 3, 3, 3 and 2
+CHUNKS = 11
 PROV = {"source": "teacher", "method": "random", "created": "2000-01-01T00:00:00+00:00"}
 
 
@@ -64,18 +65,19 @@ def shard_file(path: str, k: int):
 def test_a_later_start_decodes_no_chunk_the_first_start_decoded(store, decodes, tmp_path):
     path, _ = store
     start(path)
-    assert decodes == {"raw": N // CHUNK, "zarr": 0}  # each chunk decoded once, from its bytes
+    assert decodes == {"raw": CHUNKS, "zarr": 0}  # each chunk decoded once, from its bytes
     assert len(list((tmp_path / "records").iterdir())) == 1
     decodes.update(raw=0, zarr=0)
     start(path)
     assert decodes == {"raw": 0, "zarr": 0}
 
 
-def test_a_flipped_byte_is_refused_although_the_chunk_was_recorded(store, tmp_path):
+@pytest.mark.parametrize("k", [0, 7, CHUNKS - 1])
+def test_a_flipped_byte_is_refused_although_the_chunk_was_recorded(store, k):
     path, _ = store
     start(path)
-    corrupt_chunk(shard_file(path, 7), 7 % SHARD, SHARD)  # same size, same stored checksum
-    with pytest.raises(CorruptChunkError, match="chunk 7 .*failed to decode"):
+    corrupt_chunk(shard_file(path, k), k % SHARD, SHARD)  # same size, same stored checksum
+    with pytest.raises(CorruptChunkError, match=f"chunk {k} .*failed to decode"):
         start(path)
 
 
@@ -114,7 +116,7 @@ def test_an_unwritable_record_folder_costs_only_time(store, decodes, tmp_path, m
     for _ in range(2):
         decodes.update(raw=0)
         start(path)
-        assert decodes["raw"] == N // CHUNK  # nothing recorded, so everything decoded again
+        assert decodes["raw"] == CHUNKS  # nothing recorded, so everything decoded again
     assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing new, in the store or out
 
 
@@ -126,12 +128,12 @@ def test_records_off_and_a_malformed_record_mean_a_full_check(store, decodes, tm
     record.write_text("{not json")
     decodes.update(raw=0)
     start(path)
-    assert decodes["raw"] == N // CHUNK
+    assert decodes["raw"] == CHUNKS
     assert record.read_text().startswith("{")  # rewritten whole
     monkeypatch.setenv(verified.CACHE_ENV, "off")
     decodes.update(raw=0, zarr=0)
     start(path)
-    assert decodes == {"raw": 0, "zarr": N // CHUNK}  # verify's own full decode
+    assert decodes == {"raw": 0, "zarr": CHUNKS}  # verify's own full decode
 
 
 def test_a_read_only_store_is_checked_with_its_record_outside_it(store, decodes, tmp_path):
@@ -140,6 +142,6 @@ def test_a_read_only_store_is_checked_with_its_record_outside_it(store, decodes,
     st = SaliencyStore.open(path, "r")
     assert verify.verify(st, "train", "m", records=tmp_path / "elsewhere") == []
     assert verify.verify(st, "train", "m", records=tmp_path / "elsewhere") == []
-    assert decodes["raw"] == N // CHUNK
+    assert decodes["raw"] == CHUNKS
     assert SaliencyStore.open(path, "r").location.list_keys() == keys
     assert len(list((tmp_path / "elsewhere").iterdir())) == 1
