@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from saliency_cache import verified, verify
+import saliency_cache.verified as verified
+import saliency_cache.verify as verify
 from saliency_cache.errors import CorruptChunkError
 from saliency_cache.store import SaliencyStore
 from tests.helpers import corrupt_chunk
