@@ -78,14 +78,20 @@ class MapDecoder:
 
 
 def check_map_integrity(store: SaliencyStore, split: str, name: str) -> None:
-    """Decode every written chunk of a map once (crc32c) and refuse the first corrupt one.
+    """Check every written chunk of a map (crc32c, then its values) and refuse the first
+    corrupt one.
 
-    Cheap next to an epoch (maps are bit-packed), and it turns a corrupt chunk met in the
-    middle of a run into a refusal to start that names the map and the chunk.
+    It turns a corrupt chunk met in the middle of a run into a refusal to start that names
+    the map and the chunk. Every start reads all of the map's bytes and checks their crc32c;
+    chunks whose bytes an earlier start already decoded and found valid are not decoded again
+    (a verification record outside the store, :mod:`saliency_cache.verified`; set
+    ``SAT_VERIFY_CACHE=off`` to decode every chunk every time).
     """
+    from saliency_cache.verified import default_cache_dir
     from saliency_cache.verify import verify
 
-    bad = [p for p in verify(store, split, name) if p.kind in ("corrupt", "invalid", "metadata")]
+    problems = verify(store, split, name, records=default_cache_dir())
+    bad = [p for p in problems if p.kind in ("corrupt", "invalid", "metadata")]
     if bad:
         more = f" (and {len(bad) - 1} more problems)" if len(bad) > 1 else ""
         raise CorruptChunkError(
