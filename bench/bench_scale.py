@@ -18,7 +18,7 @@ it, each step in a fresh subprocess so that one N's memory does not leak into th
    first start is the first after the precompute (no verification record yet,
    :mod:`saliency_cache.verified`), a later start is any start after it.
 3. ``same_buffer``: a later start whose shuffle buffer is the smallest N's whole epoch at
-   every N. Training's default buffer (512 MB) holds all of a small split but only part of a
+   every N. Training's default buffer (256 MB) holds all of a small split but only part of a
    large one, so its cost grows with N up to that cap; this run separates that from growth
    that has no cap.
 4. ``integrity_check_records_off_s`` (in the precompute's process): the maps' start-up check
@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
             "maps": "box (binary, 1 channel, sat precompute --weak box) + random bits "
                     "(binary, 3 channels, MapWriter.write_chunks_packed)",
             "images_in_store": True,
-            "how": "targets: later starts with training's default shuffle buffer (512 MB); "
+            "how": "targets: later starts with training's default shuffle buffer (256 MB); "
                    "same_buffer: later starts whose buffer holds the smallest N's epoch at "
                    "every N, which separates growth with N from the buffer's bounded cost",
         },
