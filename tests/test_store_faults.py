@@ -126,7 +126,8 @@ def test_file_kinds_cover_every_file_of_a_store(pristine):
 def test_the_api_refuses_with_one_line_naming_the_file(damaged, read):
     root, kind, damage, key = damaged
     if read is _read_all_into and kind == "ids":
-        pytest.skip("the loader does not read the ids")
+        read(root)  # the loader's reads never touch the ids (sat cache verify finds them)
+        return
     with pytest.raises(SatError) as e:
         read(root)
     msg = str(e.value)
