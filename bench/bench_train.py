@@ -420,8 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", choices=["loader"], default=None,
                     help="measure only the loader figures (no training epochs)")
     ap.add_argument("--device", default="cpu",
-                    help="device of the decode + augmentation figure (--only loader; the "
-                    "training rounds run on the CPU)")
+                    help="device of the decode + augmentation figure (--only loader; auto: cuda "
+                    "where available; the training rounds run on the CPU)")
     ap.add_argument("--n", type=int, default=1024, help="training samples")
     ap.add_argument("--size", type=int, default=32, help="image height and width")
     ap.add_argument("--width", type=int, default=16, help="ResNet-10 width (student and teacher)")
@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch threads; 1 by default because two OpenMP threads stall badly "
                     "whenever another process holds one of the cores, and ratios are the point")
     args = ap.parse_args(argv)
-    if args.device != "cpu" and args.only is None:
+    if args.device not in ("cpu", "auto") and args.only is None:
         ap.error(f"--device {args.device} needs --only loader (the training rounds run on the CPU)")
     if args.out is None:
         args.out = Path("bench/results/train-loader.json" if args.only else "bench/results/train.json")
@@ -449,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.common import tune_allocator
 
     allocator_tuned = tune_allocator()  # as the `sat` command does
+    if args.device == "auto":  # the Makefile's default DEVICE; training rounds stay on the CPU
+        args.device = "cuda" if args.only and torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
     t_start = time.perf_counter()
     if args.only == "loader":
