@@ -120,6 +120,16 @@ def _versions() -> dict:
     }
 
 
+def _save(report: dict, path: Path, build_s: float, t_start: float) -> None:
+    """Add what every results file records (versions, commit, load, durations) and write it."""
+    report.update({
+        "versions": _versions(), "git_sha": _git_sha(), "load_average_at_end": os.getloadavg(),
+        "store_build_s": build_s, "total_s": time.perf_counter() - t_start,
+    })
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def _git_sha() -> str | None:
     from pipelines.common import git_sha
 
@@ -633,14 +643,8 @@ def main(argv: list[str] | None = None) -> int:
             "perturb": cfg.to_dict(), "augment": {"crop_padding": 4, "flip": True},
             "optimizer": "adam", "lr": 1e-3, "allocator_tuned": allocator_tuned,
         },
-        "versions": _versions(),
-        "git_sha": _git_sha(),
-        "load_average_at_end": os.getloadavg(),
-        "store_build_s": build_s,
-        "total_s": time.perf_counter() - t_start,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    _save(report, args.out, build_s, t_start)
 
     print(f"training benchmark: n={n}, {args.size}x{args.size}, ResNet-10 width {args.width}, "
           f"batch {args.batch_size}, median of {args.repeats} rounds, "
@@ -706,14 +710,8 @@ def loader_only(args, device: torch.device, allocator_tuned: bool, t_start: floa
         "params": {"n": stream.num_samples, "image_shape": [3, args.size, args.size],
                    "map": map_name, "map_encoding": "ternary", "teacher_width": args.width,
                    "threads": torch.get_num_threads(), "allocator_tuned": allocator_tuned},
-        "versions": _versions(),
-        "git_sha": _git_sha(),
-        "load_average_at_end": os.getloadavg(),
-        "store_build_s": build_s,
-        "total_s": time.perf_counter() - t_start,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    _save(report, args.out, build_s, t_start)
     print(f"loader benchmark: n={stream.num_samples}, {args.size}x{args.size} + one ternary map, "
           f"batch {args.batch_size}, {torch.get_num_threads()} torch thread(s)")
     print_loader(loader)
