@@ -6,7 +6,8 @@ it, each step in a fresh subprocess so that one N's memory does not leak into th
 1. ``precompute`` runs :func:`pipelines.precompute.run` (the code behind ``sat precompute``:
    input checks, ingest of labels, ids, fingerprint and uint8 images, then the weak box map
    written chunk by chunk), timed as a whole after an untimed run on 256 samples that pays
-   the imports done at first use; per sample both gross and net of a run's fixed cost (a
+   the imports done at first use (an N up to 20,000 is timed three times and the fastest run
+   counts: such a run lasts about a second); per sample both gross and net of a run's fixed cost (a
    timed run of one chunk: checks, store and map creation, the summary; ~0.06 s, some 6 %
    of the run at 10,000 and nothing at 1,000,000, where the gross figure would make the
    smallest N look dearer; the target takes the net one, both are saved). Beside it a
@@ -203,6 +204,10 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+REPEAT_SMALL = 3  # timed precompute runs of an N up to SMALL_N (the least disturbed counts)
+SMALL_N = 20_000
+
+
 def child_precompute(n: int, root: Path, seed: int) -> dict:
     """Write the store of N samples and return the timings: ``sat precompute``'s run()
     (ingest + box map), after an untimed run on 256 samples that pays the imports done at
@@ -229,10 +234,20 @@ def child_precompute(n: int, root: Path, seed: int) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     run(config(root / "one-chunk.zarr", BLOCK))
     t_fix, c_fix = time.perf_counter() - t0, time.process_time() - c0
-    store = root / "store.zarr"
-    t0, c0 = time.perf_counter(), time.process_time()
-    summary = run(config(store, n))
-    t_pre, c_pre = time.perf_counter() - t0, time.process_time() - c0
+    # A run of a small N lasts about a second, so a burst of other load moves it by tens of
+    # percent: small N are timed REPEAT_SMALL times and the least disturbed run counts (as
+    # the other benchmarks take their minimum); a large N's run averages such bursts out.
+    reps = REPEAT_SMALL if n <= SMALL_N else 1
+    runs = []
+    for r in range(reps):
+        store = root / ("store.zarr" if r == reps - 1 else f"repeat{r}.zarr")
+        t0, c0 = time.perf_counter(), time.process_time()
+        summary = run(config(store, n))
+        runs.append((time.perf_counter() - t0, time.process_time() - c0, summary["seconds_ingest"]))
+        if r < reps - 1:
+            shutil.rmtree(store)
+    t_pre, _, t_ingest = min(runs)
+    c_pre = min(c for _, c, _ in runs)
     rss = _rss_mb()
     (box,) = [m["name"] for m in summary["maps"]]
 
@@ -259,8 +274,8 @@ def child_precompute(n: int, root: Path, seed: int) -> dict:
         check_map_integrity(st, "train", m)
     t_off = time.perf_counter() - t0
     return {
-        "precompute_s": t_pre, "ingest_s": summary["seconds_ingest"],
-        "box_map_s": t_pre - summary["seconds_ingest"],
+        "precompute_s": t_pre, "precompute_runs_s": runs, "ingest_s": t_ingest,
+        "box_map_s": t_pre - t_ingest,
         "precompute_us_per_sample": t_pre / n * 1e6,
         "precompute_cpu_us_per_sample": c_pre / n * 1e6, "peak_rss_mb": rss,
         "precompute_fixed_s": t_fix, "precompute_fixed_cpu_s": c_fix,
