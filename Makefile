@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 SHARED_DATA ?= ../shared/data
 DATA_DIR ?= data
 
-.PHONY: install test test-all lint bench bench-store bench-precompute bench-train data clean lock \
+.PHONY: install test test-all lint bench bench-store bench-precompute bench-train bench-loader bench-scale data clean lock \
         demo teacher precompute train eval report repro-tiny repro-flowers \
         repro-cifar10 repro-cifar10-maps repro-companions check-data
 
@@ -30,7 +30,7 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check saliency_cache trainer pipelines tests bench
 
-bench: bench-store bench-precompute bench-train
+bench: bench-store bench-precompute bench-train bench-scale
 
 bench-store: $(STAMP)
 	$(PY) bench/bench_store.py --out bench/results/store.json
@@ -40,6 +40,14 @@ bench-precompute: $(STAMP)
 
 bench-train: $(STAMP)
 	$(PY) bench/bench_train.py --out bench/results/train.json
+
+# The loader alone, in seconds (the map decode and augmentation on DEVICE: auto = cuda if present).
+bench-loader: $(STAMP)
+	$(PY) bench/bench_train.py --only loader --device $(DEVICE) --out bench/results/train-loader.json
+
+# Stores of 10k, 100k and 1M samples: precompute, training start, loader and memory vs N.
+bench-scale: $(STAMP)
+	$(PY) bench/bench_scale.py --out bench/results/scale.json
 
 # ---- the main job: the whole pipeline on synthetic data, CPU-sized --------------------------
 demo: $(STAMP)

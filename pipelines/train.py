@@ -47,7 +47,7 @@ class TrainConfig:
     # of training (None: t = epoch index, the paper's schedule for 100-200 epoch runs).
     sat_reach_fraction: float | None = None
     workers: int = 0  # DataLoader worker processes reading the store
-    buffer_blocks: int | None = None  # chunk blocks shuffled together (None: fill 512 MB)
+    buffer_blocks: int | None = None  # chunk blocks shuffled together (None: fill 256 MB)
     device: str = "cpu"
     resume: bool = False
     allow_partial: bool = False  # train on maps whose precompute has not finished

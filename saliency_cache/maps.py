@@ -19,6 +19,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
 
+from saliency_cache.direct import DirectRows, read_rows_into
 from saliency_cache.encoding import ENCODINGS, invalid_bytes, pack, packed_nbytes, unpack
 from saliency_cache.errors import (
     CorruptChunkError,
@@ -84,6 +85,7 @@ class MapBase:
         self._done = wrap_meta(f"done of {w}", lambda: self._group["done"], meta.format("done"))
         self._files_ok: set[int] = set()  # shards this handle found holding their done chunks
         self._gone: set[str] = set()  # shard files found missing
+        self._direct: list[DirectRows | None] | None = None  # data's reader, once looked up
         if tuple(self._data.shape) != (self.n, self.packed_nbytes) or self._data.dtype != np.uint8:
             raise StoreFormatError(
                 f"{w}: data is {self._data.dtype} {tuple(self._data.shape)}, attributes say "
@@ -307,6 +309,23 @@ class MapReader(MapBase):
         """uint8 (stop - start, packed_nbytes): packed rows, for unpacking on the training device."""
         s, e = check_range(start, stop, self.n, self._what)
         return self._read_packed(s, e)
+
+    def read_packed_into(self, ranges: Sequence[tuple[int, int]], out: np.ndarray) -> None:
+        """Fill ``out`` (uint8 (sum(stop - start), packed_nbytes), C-contiguous) with the rows
+        :meth:`read_packed` gives for each ``(start, stop)`` range in turn: the loader's read,
+        one call per buffer, decoded straight into ``out`` for local stores of this package's
+        layout (:mod:`saliency_cache.direct`), through zarr otherwise."""
+        ranges = [check_range(s, e, self.n, self._what) for s, e in ranges]
+        rows = sum(e - s for s, e in ranges)
+        if out.dtype != np.uint8 or tuple(out.shape) != (rows, self.packed_nbytes):
+            raise SatError(
+                f"out must be uint8 {(rows, self.packed_nbytes)}, got {out.dtype} {tuple(out.shape)}"
+            )
+        for s, e in ranges:
+            self._require_shards_of(s, e)
+        if self._direct is None:
+            self._direct = [DirectRows.of(self._data, self.split.store.location, self._what)]
+        read_rows_into(self._direct[0], ranges, out, self._read_packed)
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """int8 (stop - start, C|1, H, W), values in {-1, +1} or {-1, 0, +1}."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 
+from saliency_cache.direct import DirectRows, read_rows_into
 from saliency_cache.encoding import check_encoding, packed_nbytes
 from saliency_cache.errors import (
     CorruptChunkError,
@@ -80,6 +81,7 @@ class Split:
         self.ready = bool(a.get("ready", True))
         self._images_complete = bool(a.get("images_complete", False))
         self._files_ok: set[str] = set()  # arrays whose chunk files were all found
+        self._direct: list[DirectRows | None] | None = None  # images' reader, once looked up
         if len(self.image_shape) != 3 or self.n < 1 or self.chunk_size < 1:
             raise StoreFormatError(
                 f"{what} has malformed attributes n={self.n}, "
@@ -245,6 +247,29 @@ class Split:
         arr = self._images_for_read()
         s, e = check_range(start, stop, self.n, self._what())
         return self._read("images", lambda: arr[s:e])
+
+    def read_images_into(self, ranges: Sequence[tuple[int, int]], out: np.ndarray) -> None:
+        """Fill ``out`` (uint8 (sum(stop - start), C, H, W), C-contiguous) with the images of
+        each ``(start, stop)`` range in turn: the loader's read, one call per buffer.
+
+        A local store of this package's layout is decoded straight into ``out``
+        (:mod:`saliency_cache.direct`, several times cheaper per chunk than zarr's path);
+        any other store is read through zarr, range by range.
+        """
+        if self._direct is None:  # the checks of _images_for_read, then the reader, once
+            arr = self._images_for_read()
+            self._direct = [DirectRows.of(arr, self._loc, f"images of {self._what()}")]
+        direct = self._direct[0]
+        # Through zarr, every call checks again (an absent chunk file would read as zeros);
+        # the direct reader opens each chunk file anyway and refuses a missing one.
+        arr = self._images_for_read() if direct is None else None
+        ranges = [check_range(s, e, self.n, self._what()) for s, e in ranges]
+        rows = sum(e - s for s, e in ranges)
+        if out.dtype != np.uint8 or tuple(out.shape) != (rows, *self.image_shape):
+            raise SatError(
+                f"out must be uint8 {(rows, *self.image_shape)}, got {out.dtype} {tuple(out.shape)}"
+            )
+        read_rows_into(direct, ranges, out, lambda s, e: self._read("images", lambda: arr[s:e]))
 
     def read_images_indices(self, idx: Sequence[int]) -> np.ndarray:
         """uint8 (len(idx), C, H, W), in the order given (repeats allowed)."""

@@ -2,12 +2,15 @@
 
 ``verify`` reads chunk by chunk and catches failures per chunk, so one corrupt chunk (a
 crc32c mismatch) is reported by array and chunk index instead of aborting the check. It
-only reads, so it works on read-only handles and remote stores.
+only reads, so it works on read-only handles and remote stores. Given a folder of
+verification records (:mod:`saliency_cache.verified`), a map's chunks whose bytes were
+decoded and found valid before are not decoded again (their crc32c is still checked).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import zarr
@@ -18,6 +21,7 @@ from saliency_cache.layout import DECODE_ERRORS
 from saliency_cache.names import ids_digest
 from saliency_cache.split import Split
 from saliency_cache.store import SaliencyStore
+from saliency_cache.verified import KnownChunks
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,11 @@ class Problem:
 
 
 def verify(
-    store: SaliencyStore, split: str | None = None, map_name: str | None = None
+    store: SaliencyStore,
+    split: str | None = None,
+    map_name: str | None = None,
+    *,
+    records: Path | None = None,
 ) -> list[Problem]:
     """Check a store (or one split, or one map) and return every problem found (empty: clean).
 
@@ -55,6 +63,10 @@ def verify(
         split: only this split (default: all).
         map_name: only this map (and not the split's own arrays). Without ``split``, the map
             is checked in every split that has it.
+        records: a folder of verification records (:mod:`saliency_cache.verified`): map
+            chunks whose stored bytes pass their crc32c and are listed there as decoded
+            before are not decoded again, and the records are updated (where the folder is
+            writable). None (the default): decode every chunk.
 
     Raises:
         MapNotFoundError: ``split`` or ``map_name`` does not exist.
@@ -83,7 +95,7 @@ def verify(
             continue
         found_map = found_map or bool(maps)
         for m in maps:
-            problems += _check_map(sp, m)
+            problems += _check_map(sp, m, records)
     if map_name is not None and not found_map:
         raise MapNotFoundError(f"no map {map_name!r} in any split of {store.url}")
     return problems
@@ -220,8 +232,9 @@ def _lost_files(sp: Split, name: str, problems: list[Problem]) -> frozenset[int]
     return frozenset(s for s, _, _ in gone)
 
 
-def _check_map(sp: Split, name: str) -> list[Problem]:
+def _check_map(sp: Split, name: str, records: Path | None = None) -> list[Problem]:
     """Every problem of one map: metadata, completeness, lost files, checksums, values.
+    With ``records`` (see :func:`verify`), chunks known good there are not decoded again.
 
     One function on purpose: the checks run in order and each later one needs what the earlier
     ones established (a readable map, its done flags), so splitting it would pass that state
@@ -277,6 +290,7 @@ def _check_map(sp: Split, name: str) -> list[Problem]:
             f"({ks[0]}..{ks[-1]})",
             ks[0],
         )
+    known = KnownChunks.open(r, records) if records is not None else None
     for k in range(r.n_chunks):
         s, e = k * r.chunk_size, min((k + 1) * r.chunk_size, r.n)
         if k in lost or k in unflagged:
@@ -284,6 +298,8 @@ def _check_map(sp: Split, name: str) -> list[Problem]:
         if not done[k] and k not in unflagged:
             add("missing", f"chunk {k} (samples {s}..{e - 1}) was never written", k)
             continue
+        if known is not None and known.good(k):
+            continue  # its bytes pass their crc32c and decode to valid rows
         try:
             rows = np.asarray(r.data_array[s:e])
         except DECODE_ERRORS as err:
@@ -297,6 +313,8 @@ def _check_map(sp: Split, name: str) -> list[Problem]:
                 f"no valid {r.encoding} map packs to",
                 k,
             )
+    if known is not None:
+        known.save()
     if done.all() and not r.complete:
         add("incomplete", "every chunk is written but the map was never finalized")
     elif r.complete and not done.all():

@@ -8,6 +8,15 @@ import numpy as np
 import pytest
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _verification_records(tmp_path_factory):
+    """Training's verification records (saliency_cache.verified) go to a folder of this test
+    session, not to the user's cache; tests of the records set their own folder."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAT_VERIFY_CACHE", str(tmp_path_factory.mktemp("sat-verified")))
+        yield
+
+
 @pytest.fixture
 def one_thread():
     """Run a test with one torch thread: its tensors are tiny, and extra intra-op threads only

@@ -12,6 +12,7 @@ import torch
 import zarr
 
 from saliency_cache.errors import IncompleteMapError, MismatchError, SatError
+from saliency_cache.store import SaliencyStore
 from tests.helpers import (
     BOX,
     GBP,
@@ -21,6 +22,7 @@ from tests.helpers import (
     make_store,
     teacher_provenance,
 )
+from trainer.batches import epoch_seed
 from trainer.loader import StoreStream, WorkerLoader
 
 CPU = torch.device("cpu")
@@ -156,6 +158,89 @@ def test_shuffle_takes_whole_blocks_in_shuffled_order_then_shuffles_a_buffer(tmp
         # Blocks are taken in a shuffled order that changes between epochs.
         assert any(o != sorted(o) for o in block_orders)
         assert len({tuple(o) for o in block_orders}) > 1
+
+
+def reference_batches(stream: StoreStream, epoch: int, worker: int = 0, num_workers: int = 1):
+    """The batches of an epoch as the loader's first implementation made them, which every
+    faster one must reproduce exactly: each range read through zarr (``read_images`` /
+    ``read_packed``), the carried short batch and the buffer's pieces concatenated, permuted
+    by ``rng.permutation`` of the buffer, cut into batches. [(images, labels, index, *maps)]."""
+    sp = SaliencyStore.open(stream.store_url, "r").split(stream.split_name)
+    readers = [sp.open_map(m, allow_partial=stream.allow_partial) for m in stream.map_names]
+    labels = torch.from_numpy(sp.labels())
+    ranges = stream._rank_ranges(epoch)[worker::num_workers]
+    rng = np.random.default_rng(epoch_seed(stream.seed, epoch, stream.rank, salt=4 + worker))
+    bb, bs = stream.buffer_blocks, stream.batch_size
+    carry, out = [], []
+    for g in range(0, len(ranges), bb):
+        parts = []
+        for s, e in ranges[g : g + bb]:
+            imgs = (sp.read_images(s, e) if stream.images_from is None
+                    else np.asarray(stream.images_from.load_images(s, e), dtype=np.uint8))
+            parts.append((torch.from_numpy(imgs), labels[s:e], torch.arange(s, e),
+                          *[torch.from_numpy(r.read_packed(s, e)) for r in readers]))
+        buf = [torch.cat(cols) for cols in zip(*(carry + parts), strict=True)]
+        carry, n = [], buf[0].shape[0]
+        perm = torch.from_numpy(rng.permutation(n)) if stream.shuffle else torch.arange(n)
+        buf = [t[perm] for t in buf]
+        for s in range(0, n, bs):
+            cols = tuple(t[s : s + bs] for t in buf)
+            if cols[0].shape[0] < bs and g + bb < len(ranges):
+                carry = [cols]
+                break
+            out.append(cols)
+    return out
+
+
+def assert_same_batches(got, want) -> None:
+    assert len(got) == len(want)
+    for b, ref in zip(got, want, strict=True):
+        cols = (b.images, b.labels, b.index, *b.maps)
+        assert len(cols) == len(ref)
+        for x, y in zip(cols, ref, strict=True):
+            assert x.dtype == y.dtype and x.shape == y.shape
+            assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize(
+    "batch_size,buffer_blocks,shuffle,world_size,num_workers",
+    [(8, 1, True, 1, 1), (5, 2, True, 1, 1), (16, 3, True, 1, 1), (7, None, True, 1, 1),
+     (12, 2, False, 1, 1), (5, 2, True, 3, 1), (6, 1, True, 2, 2), (40, 2, True, 2, 1)],
+)
+def test_batches_equal_the_reference_order(store, batch_size, buffer_blocks, shuffle,
+                                           world_size, num_workers):
+    # The split's short last block, ranks splitting blocks sample-wise (world 2 and 3 over
+    # 4 full blocks + 8 samples), carried short batches and workers' shares; every batch of
+    # two epochs, collected first so that batches sharing memory would show.
+    names = [MASK, GBP, GBP_TERNARY]
+    for rank in range(world_size):
+        stream = StoreStream(store.path, "train", names, batch_size=batch_size, seed=9,
+                             buffer_blocks=buffer_blocks, shuffle=shuffle, rank=rank,
+                             world_size=world_size)
+        for epoch in (0, 1):
+            for w in range(num_workers):
+                got = list(stream.iter_epoch(epoch, worker=w, num_workers=num_workers))
+                assert_same_batches(got, reference_batches(stream, epoch, w, num_workers))
+
+
+def test_batches_equal_the_reference_order_for_other_layouts(tmp_path):
+    # Map chunks of 24 that straddle the images' blocks of 16, a partial map (chunks of 8,
+    # two unwritten: their blocks are skipped), and images supplied by the dataset.
+    st = make_store(tmp_path, n=72, n_val=16, chunk_size=16, maps=("mask", "gbp-ternary"),
+                    map_chunk_size=24)
+    partial = add_random_map(st, "train", teacher_provenance(), chunk_size=8, skip_chunks=(3, 8))
+    streams = [StoreStream(st.path, "train", [MASK, GBP_TERNARY], batch_size=10, seed=2,
+                           buffer_blocks=2, rank=r, world_size=2) for r in (0, 1)]
+    streams.append(StoreStream(st.path, "train", [partial, MASK], batch_size=6, seed=1,
+                               buffer_blocks=2, allow_partial=True))
+    assert streams[-1].blocks == [0, 2, 3]
+    bare = make_store(tmp_path, n=40, n_val=16, chunk_size=16, maps=("box",),
+                      with_images=False, name="bare.zarr")
+    streams.append(StoreStream(bare.path, "train", [BOX], batch_size=8, seed=4,
+                               buffer_blocks=2, images_from=bare.data.open("train")))
+    for stream in streams:
+        for epoch in (0, 1):
+            assert_same_batches(list(stream.iter_epoch(epoch)), reference_batches(stream, epoch))
 
 
 def test_order_is_deterministic_per_seed_and_epoch(store):

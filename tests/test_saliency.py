@@ -193,6 +193,41 @@ def test_guided_gradcampp_is_gbp_times_heatmap(resnet, batch):
     torch.testing.assert_close(ggc, gbp * heat)
 
 
+class _ReluHead(nn.Module):
+    """A conv 'cam layer' followed by a ReLU module: guided backprop changes the gradient
+    that reaches the cam layer, so Guided Grad-CAM++ cannot reuse its guided pass."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.cam_layer = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                  nn.Flatten(), nn.Linear(4, 4))
+
+    def forward(self, x):
+        return self.head(self.cam_layer(x))
+
+
+@pytest.mark.parametrize("model_name", ["resnet", "relu_head"])
+def test_guided_gradcampp_one_pass_equals_the_two_pass_product(model_name, resnet, batch,
+                                                               monkeypatch):
+    """The fused method (one forward and backward when no ReLU follows the cam layer, as in
+    the ResNets) gives the bytes of guided backprop times a separate Grad-CAM++ pass, and a
+    model with a ReLU after its cam layer falls back to the second pass."""
+    from trainer.saliency import methods
+
+    model = resnet if model_name == "resnet" else _ReluHead().eval()
+    x, y = batch
+    passes = []
+    plain = methods.gradcampp_heatmap
+    monkeypatch.setattr(methods, "gradcampp_heatmap",
+                        lambda *a: passes.append(1) or plain(*a))
+    ggc = create_method("guided-gradcam++").attribute(model, x, y)
+    assert len(passes) == (0 if model_name == "resnet" else 1)
+    expected = create_method("gbp").attribute(model, x, y) * plain(model, x, y)
+    assert torch.equal(ggc, expected)
+
+
 def test_integrated_gradients_completeness(resnet, batch):
     """Attributions sum to f(x) - f(baseline) up to the quadrature error (ReLU kinks)."""
     x, y = batch

@@ -12,10 +12,20 @@ Each worker reads ``buffer_blocks`` pieces at a time, shuffles the samples insid
 and emits batches. Every sample is read exactly once per epoch across all ranks and workers.
 By default the buffer is as many blocks as fit in ``buffer_mb`` of memory: stores keep the
 dataset's order, which is often sorted by class (Tiny ImageNet, ImageFolder), and a buffer of
-a few blocks would then give batches of a few classes only, which trains badly.
+a few blocks would then give batches of a few classes only, which trains badly. The default
+budget, 256 MB, holds a whole split of up to ~80,000 samples at 32x32 (~21,000 at 64x64, 80
+blocks of 256 drawn from random places of the split), and keeps a loader's memory flat as
+the split grows past it (``make bench-scale``: 512 MB grew peak RSS by ~0.5 GB at 1M samples).
 
 Maps leave the loader still bit-packed (uint8); :meth:`StoreStream.decode_maps` unpacks them
 on the training device with a 256-entry lookup table, which costs one gather per batch.
+
+Cost (one core, 32x32 images + one ternary map): each column of a buffer is read by one call
+(:meth:`Split.read_images_into`, :meth:`MapReader.read_packed_into`), which decodes a local
+store's chunk files straight into a read buffer kept from buffer to buffer; each batch then
+gathers its rows with ``index_select``. Reading each block through zarr and permuting the
+whole buffer with ``t[perm]`` ran at ~75,000 samples/s, zarr's per-call overhead being most
+of it; docs/BENCHMARKS.md has the profile.
 """
 
 from __future__ import annotations
@@ -71,14 +81,20 @@ class MapDecoder:
 
 
 def check_map_integrity(store: SaliencyStore, split: str, name: str) -> None:
-    """Decode every written chunk of a map once (crc32c) and refuse the first corrupt one.
+    """Check every written chunk of a map (crc32c, then its values) and refuse the first
+    corrupt one.
 
-    Cheap next to an epoch (maps are bit-packed), and it turns a corrupt chunk met in the
-    middle of a run into a refusal to start that names the map and the chunk.
+    It turns a corrupt chunk met in the middle of a run into a refusal to start that names
+    the map and the chunk. Every start reads all of the map's bytes and checks their crc32c;
+    chunks whose bytes an earlier start already decoded and found valid are not decoded again
+    (a verification record outside the store, :mod:`saliency_cache.verified`; set
+    ``SAT_VERIFY_CACHE=off`` to decode every chunk every time).
     """
+    from saliency_cache.verified import default_cache_dir
     from saliency_cache.verify import verify
 
-    bad = [p for p in verify(store, split, name) if p.kind in ("corrupt", "invalid", "metadata")]
+    problems = verify(store, split, name, records=default_cache_dir())
+    bad = [p for p in problems if p.kind in ("corrupt", "invalid", "metadata")]
     if bad:
         more = f" (and {len(bad) - 1} more problems)" if len(bad) > 1 else ""
         raise CorruptChunkError(
@@ -86,6 +102,20 @@ def check_map_integrity(store: SaliencyStore, split: str, name: str) -> None:
             "restore it from a good copy, or recompute those chunks (MapWriter.reset_chunks, "
             "then sat precompute)"
         )
+
+
+def _rows(cols: list[torch.Tensor], rows: torch.Tensor | slice) -> list[torch.Tensor]:
+    """Copies of ``rows`` (int64 positions, or a slice) of each column: one ``index_select``
+    per column over its rows viewed as flat bytes (several times faster than ``t[rows]``)."""
+    if isinstance(rows, slice):
+        return [t[rows].clone() for t in cols]
+    out = []
+    for t in cols:
+        flat = t.reshape(t.shape[0], -1)
+        dst = torch.empty((rows.shape[0], flat.shape[1]), dtype=t.dtype)
+        torch.index_select(flat, 0, rows, out=dst)
+        out.append(dst.reshape(rows.shape[0], *t.shape[1:]))
+    return out
 
 
 class StoreStream(torch.utils.data.IterableDataset):
@@ -117,7 +147,7 @@ class StoreStream(torch.utils.data.IterableDataset):
         shuffle: bool = True,
         seed: int = 0,
         buffer_blocks: int | None = None,
-        buffer_mb: float = 512.0,
+        buffer_mb: float = 256.0,
         images_from=None,
         expect_fingerprint: str | None = None,
         rank: int = 0,
@@ -261,11 +291,22 @@ class StoreStream(torch.utils.data.IterableDataset):
         ))
 
     # ---- iteration ---------------------------------------------------------------------
+    _handles = None  # (split, map readers, labels) of this process, opened on first use
+    _buffer = None  # the read buffer's columns, kept from buffer to buffer and epoch to epoch
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers open their own handles and buffers.
+        return {k: v for k, v in self.__dict__.items() if k not in ("_handles", "_buffer")}
+
     def _open(self):
-        st = SaliencyStore.open(self.store_url, "r", storage_options=self.storage_options)
-        sp = st.split(self.split_name)
-        readers = [sp.open_map(n, allow_partial=self.allow_partial) for n in self.map_names]
-        return sp, readers
+        """(split, map readers, int64 (N,) labels), opened once per process and kept: the
+        checks of opening cost a few milliseconds, a large share of a small split's epoch."""
+        if self._handles is None:
+            st = SaliencyStore.open(self.store_url, "r", storage_options=self.storage_options)
+            sp = st.split(self.split_name)
+            readers = [sp.open_map(n, allow_partial=self.allow_partial) for n in self.map_names]
+            self._handles = (sp, readers, np.asarray(sp.labels(), dtype=np.int64))
+        return self._handles
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
@@ -273,38 +314,71 @@ class StoreStream(torch.utils.data.IterableDataset):
         return self.iter_epoch(self.epoch, worker=wid, num_workers=nw)
 
     def iter_epoch(self, epoch: int, worker: int = 0, num_workers: int = 1) -> Iterator[Batch]:
-        sp, readers = self._open()
-        labels = torch.from_numpy(np.asarray(sp.labels(), dtype=np.int64))
+        """The batches of ``worker``'s share of this rank's epoch (see the module docstring).
+
+        Per buffer: the rows of the short batch carried over from the previous buffer, then
+        the samples of the buffer's pieces, each column read by one call into a read buffer
+        that is reused (fresh memory costs page faults: 20 ms per 50 MB here, more than
+        reading it); each batch then gathers its rows of the buffer's permutation
+        (``index_select``) into tensors of its own.
+        """
+        sp, readers, labels = self._open()
         ranges = self._rank_ranges(epoch)[worker::num_workers]
         rng = np.random.default_rng(epoch_seed(self.seed, epoch, self.rank, salt=4 + worker))
-        carry: list[tuple[torch.Tensor, ...]] = []
+        most = min(self.buffer_blocks * self.chunk_size, sum(e - s for s, e in ranges))
+        carry: Batch | None = None
         for g in range(0, len(ranges), self.buffer_blocks):
-            parts = []
-            for s, e in ranges[g : g + self.buffer_blocks]:
-                if self.images_from is not None:
-                    imgs = np.asarray(self.images_from.load_images(s, e), dtype=np.uint8)
-                else:
-                    imgs = sp.read_images(s, e)
-                parts.append(
-                    (
-                        torch.from_numpy(np.ascontiguousarray(imgs)),
-                        labels[s:e],
-                        torch.arange(s, e, dtype=torch.int64),
-                        *[torch.from_numpy(np.ascontiguousarray(r.read_packed(s, e))) for r in readers],
-                    )
-                )
-            buf = [torch.cat(cols) for cols in zip(*(carry + parts), strict=True)]
-            carry = []
-            n = buf[0].shape[0]
-            perm = torch.from_numpy(rng.permutation(n)) if self.shuffle else torch.arange(n)
-            buf = [t[perm] for t in buf]
+            buf = self._take_buffer(most + self.batch_size - 1)
+            cols = self._read_buffer(buf, sp, readers, ranges[g : g + self.buffer_blocks], carry)
+            n = cols[0].shape[0]
+            perm = torch.from_numpy(rng.permutation(n)) if self.shuffle else None
             last_group = g + self.buffer_blocks >= len(ranges)
+            carry = None
             for s in range(0, n, self.batch_size):
-                cols = [t[s : s + self.batch_size] for t in buf]
-                if cols[0].shape[0] < self.batch_size and not last_group:
-                    carry = [tuple(cols)]  # a short batch waits for the next buffer
+                rows = perm[s : s + self.batch_size] if perm is not None else slice(s, s + self.batch_size)
+                images, index, *maps = _rows(cols, rows)
+                b = Batch(images, torch.from_numpy(labels[index.numpy()]), index, maps)
+                if b.labels.shape[0] < self.batch_size and not last_group:
+                    carry = b  # a short batch waits for the next buffer
                     break
-                yield Batch(cols[0], cols[1], cols[2], list(cols[3:]))
+                yield b
+            self._buffer = buf  # free again (taken meanwhile by nothing else of this process)
+
+    def _take_buffer(self, rows: int) -> list[torch.Tensor]:
+        """The kept read buffer if it holds ``rows`` rows, else a new one: [images uint8
+        (rows, C, H, W), index int64 (rows,), *maps uint8 (rows, nbytes)]. Taken out of the
+        stream while in use, so that a second iterator of the same stream gets its own."""
+        buf, self._buffer = self._buffer, None
+        if buf is None or buf[0].shape[0] < rows:
+            nbytes = [packed_nbytes(sp.shape, sp.encoding) for sp in self.specs]
+            buf = [torch.empty((rows, *self.image_shape), dtype=torch.uint8),
+                   torch.empty(rows, dtype=torch.int64),
+                   *[torch.empty((rows, nb), dtype=torch.uint8) for nb in nbytes]]
+        return buf
+
+    def _read_buffer(self, buf, sp, readers, group: list[tuple[int, int]], carry: Batch | None):
+        """Views of ``buf``'s first rows, filled: [images, index, *packed maps], the carried
+        rows first, then the samples of ``group``'s ranges in order."""
+        k = 0 if carry is None else carry.labels.shape[0]
+        cols = [t[: k + sum(e - s for s, e in group)] for t in buf]
+        images, index, maps = cols[0], cols[1], cols[2:]
+        if carry is not None:
+            images[:k], index[:k] = carry.images, carry.index
+            for m, c in zip(maps, carry.maps, strict=True):
+                m[:k] = c
+        if self.images_from is not None:
+            pos = k
+            for s, e in group:
+                images[pos : pos + e - s] = torch.from_numpy(
+                    np.asarray(self.images_from.load_images(s, e), dtype=np.uint8))
+                pos += e - s
+        else:
+            sp.read_images_into(group, images[k:].numpy())
+        for r, m in zip(readers, maps, strict=True):
+            r.read_packed_into(group, m[k:].numpy())
+        index[k:] = torch.from_numpy(
+            np.concatenate([np.arange(s, e, dtype=np.int64) for s, e in group]))
+        return cols
 
     def epoch_batches(self, epoch: int) -> Iterator[Batch]:
         """Single-process iteration (the loop's interface); :class:`WorkerLoader` adds workers."""

@@ -331,8 +331,10 @@ class SmoothGrad(SaliencyMethod):
     bytes), so a map does not depend on the batch the image is in, its position there or the
     device, and the global RNG is never touched. The noisy copies of a whole batch are then
     stacked and differentiated together, at most ``_MAX_PASS_IMAGES`` images per
-    forward/backward pass: one image at a time, a pass saw only ``nt_samples`` images, which
-    leaves a GPU mostly idle.
+    forward/backward pass on an accelerator (``_CPU_PASS_IMAGES`` on a CPU, where smaller
+    passes are faster per image): one image at a time, a pass saw only ``nt_samples``
+    images, which leaves a GPU mostly idle. How the copies are grouped into passes does not
+    change the map (tested), so it is not part of the version.
 
     ``version`` 2 is this algorithm; version 1 (maps written before it) drew each image's
     noise from the global RNG inside ``fork_rng`` and ran captum one image at a time. The
@@ -349,9 +351,13 @@ class SmoothGrad(SaliencyMethod):
         "stdevs": 0.15,  # noise standard deviation, as a fraction of the [0, 1] input range
         "seed": 0,
     }
-    # Noisy images per forward/backward pass: bounds activation memory (about 0.4 GB for a
-    # width-64 ResNet-10 at 32x32), yet fills a GPU far better than nt_samples images.
+    # Noisy images per forward/backward pass on an accelerator: bounds activation memory
+    # (about 0.4 GB for a width-64 ResNet-10 at 32x32), yet fills a GPU far better than
+    # nt_samples images. On a CPU large passes are slower per image (a ResNet-10 of width 32
+    # at 32x32, one thread: 3-4x slower per image at 1,024 than at 64, its activations no
+    # longer fit in cache), so passes there hold at most _CPU_PASS_IMAGES.
     _MAX_PASS_IMAGES = 1024
+    _CPU_PASS_IMAGES = 64
 
     def _validate(self):
         p = self.params
@@ -377,7 +383,10 @@ class SmoothGrad(SaliencyMethod):
     def _attribute(self, model, x, target):
         n = self.params["nt_samples"]
         noise = self.noise(x).to(device=x.device, dtype=x.dtype)
-        per_pass = max(1, self._MAX_PASS_IMAGES // n)  # whole images per pass
+        cap = self._MAX_PASS_IMAGES
+        if x.device.type == "cpu":
+            cap = min(cap, self._CPU_PASS_IMAGES)
+        per_pass = max(1, cap // n)  # whole images per pass
         out = []
         for s in range(0, x.shape[0], per_pass):
             xs = x[s : s + per_pass].detach()
@@ -408,8 +417,11 @@ class IntegratedGradientsMethod(SaliencyMethod):
         "riemann_right",
         "riemann_middle",
     )
-    # Images (samples x steps) per forward pass: bounds memory for large batches.
+    # Images (samples x steps) per forward pass: bounds memory for large batches. On a CPU
+    # passes of about 64 images are the fastest per image (see SmoothGrad), so there the
+    # pass holds the batch, or as many whole steps of a small batch as fit in 64 images.
     _MAX_INTERNAL_BATCH = 512
+    _CPU_INTERNAL_BATCH = 64
 
     def _validate(self):
         p = self.params
@@ -423,6 +435,14 @@ class IntegratedGradientsMethod(SaliencyMethod):
                 f"unknown integration rule {p['integration']!r}; choose one of: {', '.join(self._RULES)}"
             )
 
+    def _internal_batch(self, x: torch.Tensor) -> int:
+        """Images per pass for a batch ``x``: a multiple of its size (captum splits the path
+        into whole steps of the batch)."""
+        b = x.shape[0]
+        if x.device.type == "cpu":
+            return b * max(1, self._CPU_INTERNAL_BATCH // b)
+        return max(2 * b, self._MAX_INTERNAL_BATCH)
+
     def _attribute(self, model, x, target):
         return IntegratedGradients(model).attribute(
             x,
@@ -430,7 +450,7 @@ class IntegratedGradientsMethod(SaliencyMethod):
             target=target,
             n_steps=self.params["n_steps"],
             method=self.params["integration"],
-            internal_batch_size=max(2 * x.shape[0], self._MAX_INTERNAL_BATCH),
+            internal_batch_size=self._internal_batch(x),
         )
 
 
@@ -443,7 +463,34 @@ class GuidedGradCamPlusPlus(SaliencyMethod):
     kind = "gradient"
 
     def _attribute(self, model, x, target):
-        guided = GuidedBackprop(model).attribute(x, target=target)
+        # One forward and one backward serve both factors: the guided backward passes the
+        # cam layer's output on its way to the input, and the gradient there is the plain one
+        # Grad-CAM++ needs as long as no ReLU module runs after that layer (guided backprop
+        # changes the backward of ReLU modules only). Otherwise a second, plain pass is run.
+        layer = _cam_layer(model)
+        acts: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        relu_after = [False]
+
+        def keep_output(_module: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+            acts.append(out)
+            if out.requires_grad:
+                out.register_hook(grads.append)
+
+        def note_relu(_module: nn.Module, _inp: Any, _out: Any) -> None:
+            relu_after[0] = relu_after[0] or bool(acts)
+
+        handles = [layer.register_forward_hook(keep_output)]
+        handles += [m.register_forward_hook(note_relu) for m in model.modules()
+                    if isinstance(m, nn.ReLU) and m is not layer]
+        try:
+            guided = GuidedBackprop(model).attribute(x, target=target)
+        finally:
+            for h in handles:
+                h.remove()
+        if len(acts) == 1 and len(grads) == 1 and not relu_after[0]:
+            _, _, heat = gradcampp_weights(acts[0].detach(), grads[0].detach())
+            return guided * _upsample(heat, tuple(x.shape[-2:]))
         return guided * gradcampp_heatmap(model, x, target)
 
 
