@@ -440,10 +440,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-classes", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds after the warm-up")
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers (0: in-process)")
-    ap.add_argument("--variant-rounds", type=int, default=2,
+    ap.add_argument("--variant-rounds", type=int, default=1,
                     help="timed rounds of the informative online-SAT variants (0: skip them)")
-    ap.add_argument("--expensive-rounds", type=int, default=2,
-                    help="timed rounds of cached vs online SAT for SmoothGrad-16 and IG-32")
+    ap.add_argument("--expensive-rounds", type=int, default=1,
+                    help="timed rounds of cached vs online SAT for SmoothGrad-16 and IG-32 "
+                    "(an online epoch of IG-32 costs ~25 cached ones; run the bench twice "
+                    "for a range)")
     ap.add_argument("--no-expensive", dest="expensive", action="store_false",
                     help="skip the SmoothGrad/IG maps (their precompute and online epochs)")
     ap.add_argument("--threads", type=int, default=1,
