@@ -6,8 +6,10 @@ store with its images; a ResNet-10 of width 32 (untrained: the cost of a pass do
 on the weights); chunks of 128 (8 chunks, so 8 shards and 8 dask tasks); ``sat precompute``'s
 defaults otherwise (sub-batches of 64, one torch thread per worker, the allocator tuning the
 ``sat`` command applies). Width 32 sits between the tests' toy widths and the paper's 64: at
-width 16 the per-ReLU elementwise work of guided backprop (captum's hooks clone each ReLU
-input) is a larger share of a pass, and the ratio below measured 1.16-1.23 on this machine.
+width 16 the fixed work per chunk (reading, thresholding, packing, writing) and guided
+backprop's clamp of each ReLU output's gradient are a larger share of a pass, and the ratio
+below measured 1.13-1.16 on this machine (1.16-1.23 with captum's hooks, which also cloned
+every ReLU input).
 Measured:
 
 - ``precompute_over_raw_fwd_bwd``: an in-process ``pipelines.precompute.run`` on the ingested
@@ -162,7 +164,7 @@ def time_methods(args, data, tmp: Path, cfg, run, net) -> dict[str, dict]:
 
     out: dict[str, dict] = {}
     for label, (method, params, passes) in METHODS.items():
-        # Untimed: the method's first call (its hooks, captum's set-up) on two images, as the
+        # Untimed: the method's first call (its hooks, captum's set-up for IG) on two images, as the
         # process is warm from the GBP runs above.
         raw(), create_method(method, **params).attribute(net, x[:2], y[:2])
         raws, pres = [], []

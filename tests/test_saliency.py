@@ -90,6 +90,42 @@ def test_guided_backprop_differs_from_gradient_on_resnet(resnet, batch):
     assert (torch.sign(gbp) != torch.sign(grad)).float().mean() > 0.05
 
 
+class _SharedRelu(nn.Module):
+    """One ReLU module applied twice, and a ReLU output read by two consumers (a residual)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        a = self.relu(self.conv1(x))
+        b = self.relu(self.conv2(a) + a)
+        return self.fc(b.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("model_name", ["resnet10", "resnet34", "shared_relu", "relu_head"])
+def test_guided_backprop_is_captums_bit_for_bit(model_name, resnet, batch):
+    """``gbp`` clamps each ReLU output's gradient instead of captum's hooks (which clone every
+    ReLU input and relu its input gradient); the maps must not change by a single bit."""
+    from captum.attr import GuidedBackprop
+
+    torch.manual_seed(2)
+    model = {"resnet10": resnet, "resnet34": create_model("resnet34", 5, width=4).eval(),
+             "shared_relu": _SharedRelu().eval(), "relu_head": _ReluHead().eval()}[model_name]
+    x, y = batch
+    ours = create_method("gbp").attribute(model, x, y)
+    with pytest.warns(UserWarning, match="backward hooks on ReLU"):
+        ref = GuidedBackprop(model).attribute(x.clone().requires_grad_(True), target=y)
+    assert torch.equal(ours, ref.detach())
+    assert not torch.equal(ours, create_method("gradient").attribute(model, x, y))
+    # Nothing is left behind on the model: a second call gives the same bytes.
+    assert torch.equal(create_method("gbp").attribute(model, x, y), ours)
+    assert not any(m._forward_hooks for m in model.modules())
+
+
 class QuadCam(nn.Module):
     """A = cam_layer(x) (identity or 2x2 average pooling); logit_c = 1/2 sum_kij V_ckij A_kij^2,
     so dlogit_c/dA = V_c * A in closed form."""

@@ -1,6 +1,7 @@
 """What guided backprop and Grad-CAM need from a model, checked on a probe forward pass.
 
-captum's ``GuidedBackprop`` changes the backward pass of ``nn.ReLU`` modules only. Any other
+Guided backprop (:func:`trainer.saliency.methods.guided_backprop`, as captum's
+``GuidedBackprop``) changes the backward pass of ``nn.ReLU`` modules only. Any other
 activation (a functional ``F.relu`` in a ``forward``, a GELU or SiLU module) is passed back as
 a plain gradient, so the "guided" map silently becomes something else. An in-place
 ``nn.ReLU`` is made out-of-place when the probe's logits stay bit-identical (they do unless a

@@ -19,11 +19,11 @@ unpickled). ``num_classes`` defaults to the rows of the classifier's weight in t
 The normalisation is the first layer of the returned :class:`ExternalTeacher`, which takes
 float (B, C, H, W) images in [0, 1] like our own models.
 
-Guided backprop (captum) hooks ``nn.ReLU`` modules only. In-place ``nn.ReLU`` modules are
+Guided backprop hooks ``nn.ReLU`` modules only. In-place ``nn.ReLU`` modules are
 made out-of-place when a probe forward pass shows that this leaves the logits bit-identical;
 an activation that is functional (``F.relu`` in ``forward``) or not a ReLU (GELU, SiLU, ...)
-makes ``gbp`` and ``guided-gradcam++`` refused with the reason, since captum would silently
-pass plain gradients through it. Gates (sigmoid, softmax) are back-propagated as plain
+makes ``gbp`` and ``guided-gradcam++`` refused with the reason, since guided backprop would
+silently pass plain gradients through it. Gates (sigmoid, softmax) are back-propagated as plain
 gradients, as in guided backprop's definition. Grad-CAM methods explain ``--cam-layer``, the
 teacher file's ``cam_layer`` or a per-family default (:func:`default_cam_layer`).
 """
@@ -366,7 +366,7 @@ def describe_external(arg: str, *, image_shape=None, methods=(), cam_layer: str 
 
     image_shape: (C, H, W) of the dataset's images (refused when the teacher file's
     ``input_size`` differs); methods: the saliency methods it will run (``gbp`` /
-    ``guided-gradcam++`` refused on activations captum cannot guide, Grad-CAM methods
+    ``guided-gradcam++`` refused on activations guided backprop cannot guide, Grad-CAM methods
     without a usable cam layer). The keys of :func:`pipelines.teacher.describe_teacher`
     come first (``teacher_arch`` is ``<library>-<model>``, so the map is named e.g.
     ``timm-resnet18-external-gbp``), then ``teacher_library``, ``teacher_library_version``,
@@ -384,7 +384,7 @@ def describe_external(arg: str, *, image_shape=None, methods=(), cam_layer: str 
     for m in methods:
         if m in GUIDED_METHODS and facts["gbp_problem"]:
             raise SatError(f"teacher {arg!r}: {m} needs every activation to be an nn.ReLU module "
-                           f"({facts['gbp_problem']}); captum would compute something else. "
+                           f"({facts['gbp_problem']}); guided backprop would pass plain gradients through it. "
                            "Use gradient, smoothgrad, ig or gradcam++ with this teacher")
         if m in CAM_METHODS and facts["cam_problem"]:
             raise SatError(f"teacher {arg!r}: {m} needs a cam layer ({facts['cam_problem']}); "

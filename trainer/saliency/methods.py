@@ -1,6 +1,8 @@
 """Saliency methods of a teacher, one class per method, registered by name in :data:`SALIENCY`.
 
-captum does the work wherever it has the method. Every method's :meth:`SaliencyMethod.attribute` takes
+captum does the work wherever it has the method, except guided backprop, whose captum
+hooks cost a copy of every ReLU input (:func:`guided_backprop` gives its values at a plain
+backward's cost). Every method's :meth:`SaliencyMethod.attribute` takes
 
 - ``model``: a classifier taking float (B, C, H, W) images in [0, 1] (normalisation inside);
   Grad-CAM variants also need ``model.cam_layer``, the module whose output they explain;
@@ -22,16 +24,12 @@ output only, so nothing accumulates in the parameters' ``.grad``, and every hook
 from __future__ import annotations
 
 import hashlib
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from captum.attr import (
-    GuidedBackprop,
     IntegratedGradients,
     LayerAttribution,
     LayerGradCam,
@@ -49,14 +47,6 @@ KINDS = ("gradient", "heatmap", "box")
 
 
 # ---- helpers -------------------------------------------------------------------------------
-@contextmanager
-def _quiet_captum() -> Iterator[None]:
-    # GuidedBackprop warns on every call that it sets (and later removes) ReLU hooks.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU activations")
-        yield
-
-
 def _cam_layer(model: nn.Module) -> nn.Module:
     layer = getattr(model, "cam_layer", None)
     if not isinstance(layer, nn.Module):
@@ -134,6 +124,65 @@ def gradcampp_heatmap(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -
         handle.remove()
     _, _, heat = gradcampp_weights(acts.detach(), grads.detach())
     return _upsample(heat, tuple(x.shape[-2:]))
+
+
+def _clamp_negative(grad: torch.Tensor) -> torch.Tensor:
+    return grad.clamp_min(0)
+
+
+def guided_backprop(
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor, cam_layer: nn.Module | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, bool]:
+    """Guided backprop of the target logit w.r.t. ``x``, optionally with the plain gradient at
+    ``cam_layer``'s output from the same forward and backward pass.
+
+    x: float (B, C, H, W), a leaf that requires grad; target: long (B,). Through every
+    ``nn.ReLU`` module only positive gradients pass back, and only into positive inputs:
+    the gradient of each ReLU's output is clamped at 0 before the ReLU's own backward
+    masks it. That is captum's ``GuidedBackprop`` value for value (it applies relu to the
+    ReLU's input gradient instead, which is the same number: relu(g * [x > 0]) =
+    relu(g) * [x > 0]), without its clone of every ReLU input and per-module hooks: a plain
+    forward/backward plus one clamp per ReLU output (tested bit for bit against captum).
+
+    The clamp hooks are registered after the forward pass, the ``cam_layer`` capture first,
+    so the captured gradient is the one arriving at that layer's output before any clamp
+    of a ReLU that produced it (a block's output is its last ReLU's output tensor).
+
+    Returns (guided gradient float (B, C, H, W), cam activations float (B, K, h, w) or None,
+    their plain gradient or None, whether a ReLU module ran after ``cam_layer``: its clamp
+    then reaches the captured gradient, which is no longer the plain one).
+    """
+    relu_outputs: list[torch.Tensor] = []
+    acts: list[torch.Tensor] = []
+    relu_after = False
+
+    def keep_relu(_module: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+        nonlocal relu_after
+        relu_outputs.append(out)
+        relu_after = relu_after or bool(acts)
+
+    def keep_cam(_module: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+        acts.append(out)
+
+    handles = [m.register_forward_hook(keep_relu) for m in model.modules() if isinstance(m, nn.ReLU)]
+    if cam_layer is not None:
+        handles.append(cam_layer.register_forward_hook(keep_cam))
+    grads: list[torch.Tensor] = []
+    try:
+        with torch.enable_grad():
+            score = model(x).gather(1, target[:, None]).sum()
+            if cam_layer is not None and len(acts) == 1 and acts[0].requires_grad:
+                acts[0].register_hook(grads.append)
+            for out in relu_outputs:
+                if out.requires_grad:
+                    out.register_hook(_clamp_negative)
+            (guided,) = torch.autograd.grad(score, x)
+    finally:
+        for h in handles:
+            h.remove()
+    if cam_layer is None or len(acts) != 1 or len(grads) != 1:
+        return guided, None, None, relu_after
+    return guided, acts[0].detach(), grads[0].detach(), relu_after
 
 
 def box_from_heatmap(heat: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
@@ -226,7 +275,7 @@ class SaliencyMethod:
         # A fresh leaf that requires grad: captum differentiates w.r.t. it, and the caller's
         # tensor keeps its own requires_grad flag.
         xin = x.detach().requires_grad_(True)
-        with module_mode(model, False), _quiet_captum():
+        with module_mode(model, False):
             out = self._attribute(model, xin, target)
         return out.detach()
 
@@ -252,7 +301,8 @@ class Gradient(SaliencyMethod):
 @SALIENCY.register("gbp")
 class GuidedBackpropMethod(SaliencyMethod):
     """Guided backprop (Springenberg et al.): through every ``nn.ReLU`` only positive
-    gradients flowing into positive inputs pass back (captum ``GuidedBackprop``).
+    gradients flowing into positive inputs pass back (:func:`guided_backprop`, the same
+    values as captum's ``GuidedBackprop`` at a plain backward's cost).
 
     ReLUs applied with ``F.relu`` are invisible to it; the models in ``trainer.models`` use
     one ``nn.ReLU`` module per non-linearity.
@@ -262,7 +312,7 @@ class GuidedBackpropMethod(SaliencyMethod):
     kind = "gradient"
 
     def _attribute(self, model, x, target):
-        return GuidedBackprop(model).attribute(x, target=target)
+        return guided_backprop(model, x, target)[0]
 
 
 @SALIENCY.register("gradcam")
@@ -467,29 +517,9 @@ class GuidedGradCamPlusPlus(SaliencyMethod):
         # cam layer's output on its way to the input, and the gradient there is the plain one
         # Grad-CAM++ needs as long as no ReLU module runs after that layer (guided backprop
         # changes the backward of ReLU modules only). Otherwise a second, plain pass is run.
-        layer = _cam_layer(model)
-        acts: list[torch.Tensor] = []
-        grads: list[torch.Tensor] = []
-        relu_after = [False]
-
-        def keep_output(_module: nn.Module, _inp: Any, out: torch.Tensor) -> None:
-            acts.append(out)
-            if out.requires_grad:
-                out.register_hook(grads.append)
-
-        def note_relu(_module: nn.Module, _inp: Any, _out: Any) -> None:
-            relu_after[0] = relu_after[0] or bool(acts)
-
-        handles = [layer.register_forward_hook(keep_output)]
-        handles += [m.register_forward_hook(note_relu) for m in model.modules()
-                    if isinstance(m, nn.ReLU) and m is not layer]
-        try:
-            guided = GuidedBackprop(model).attribute(x, target=target)
-        finally:
-            for h in handles:
-                h.remove()
-        if len(acts) == 1 and len(grads) == 1 and not relu_after[0]:
-            _, _, heat = gradcampp_weights(acts[0].detach(), grads[0].detach())
+        guided, acts, grads, relu_after = guided_backprop(model, x, target, _cam_layer(model))
+        if acts is not None and not relu_after:
+            _, _, heat = gradcampp_weights(acts, grads)
             return guided * _upsample(heat, tuple(x.shape[-2:]))
         return guided * gradcampp_heatmap(model, x, target)
 
