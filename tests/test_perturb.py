@@ -112,6 +112,67 @@ def test_one_channel_map_broadcasts_over_channels():
     assert torch.allclose(out, expected)
 
 
+def test_sat_delta_is_the_same_in_int8_and_float():
+    """The loop passes int8 maps (the cheap path), tests and multi-sat float ones: the same
+    generator gives the same δ and the same branches in either dtype, and in a broadcast
+    1-channel map as in its expanded copy."""
+    g = torch.Generator().manual_seed(9)
+    s = (torch.randint(0, 3, (16, 3, 8, 8), generator=g) - 1).to(torch.int8)
+    s1 = (torch.randint(0, 2, (16, 1, 8, 8), generator=g) * 2 - 1).to(torch.int8)
+    for smap in (s, s1.expand(16, 3, 8, 8)):
+        d8, r8 = sat_delta(smap, p_random=0.45, generator=gen(1))
+        df, rf = sat_delta(smap.float().contiguous(), p_random=0.45, generator=gen(1))
+        assert d8.dtype == torch.int8 and df.dtype == torch.float32
+        assert torch.equal(d8.float(), df) and torch.equal(r8, rf)
+    x = torch.rand(16, 3, 8, 8, generator=g)
+    assert torch.equal(sat_perturb(x, s1, eps=EPS0, p_random=0.3, generator=gen(2)),
+                       sat_perturb(x, s1.float(), eps=EPS0, p_random=0.3, generator=gen(2)))
+
+
+CUDA = pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_sat_delta_random_bits_are_uniform(device):
+    """Four elements share one 64-bit draw: every one of their 16 bits, in every position of
+    the word (the top one included), must be a fair coin, or the branch and z would be
+    biased for some elements. On CUDA too, whose generator fills the 64-bit range itself."""
+    from trainer.perturb import _random_halfwords
+
+    n = 1 << 18
+    g = torch.Generator(device=device).manual_seed(3)
+    bits = _random_halfwords((n,), g, torch.device(device)).to(torch.int32).cpu() & 0xFFFF
+    se = 5 * math.sqrt(0.25 / (n // 4))
+    for lane in range(4):
+        v = bits[lane::4]
+        for b in range(16):
+            assert abs(((v >> b) & 1).float().mean().item() - 0.5) <= se, (lane, b)
+    # The branch and z of sat_delta on that device: Eq. 9's frequencies, int8 as float.
+    s = -torch.ones(n, dtype=torch.int8, device=device)
+    d8, rnd = sat_delta(s, p_random=0.3, generator=torch.Generator(device=device).manual_seed(4))
+    df, _ = sat_delta(s.float(), p_random=0.3,
+                      generator=torch.Generator(device=device).manual_seed(4))
+    assert torch.equal(d8.float(), df)
+    assert abs(rnd.float().mean().item() - 0.3) <= 5 * math.sqrt(0.21 / n)
+    assert torch.equal(d8[~rnd], -s[~rnd])
+    assert abs((d8[rnd] > 0).float().mean().item() - 0.5) <= 5 * math.sqrt(0.25 / (0.3 * n))
+
+
+def test_sat_delta_probability_resolution_and_ends():
+    s = -torch.ones(1 << 16, dtype=torch.int8)
+    for p in (0.0, 1e-6):  # below half a step of 2^-15: never random
+        d, rnd = sat_delta(s, p_random=p, generator=gen(4))
+        assert not rnd.any() and torch.equal(d, -s)
+    d, rnd = sat_delta(s, p_random=1.0, generator=gen(4))
+    assert rnd.all() and set(d.unique().tolist()) == {-1, 1}
+    # One step above zero: random with probability 2^-15 (expected 2 of 65,536 elements).
+    _, rnd = sat_delta(s, p_random=2.0**-15, generator=gen(5))
+    assert 0 <= int(rnd.sum()) <= 12
+    with pytest.raises(SatError, match="p_random must be a probability in"):
+        sat_delta(s, p_random=1.5, generator=gen(4))
+
+
 def test_ternary_zeros_are_perturbed_only_when_random():
     g = torch.Generator().manual_seed(7)
     s = (torch.randint(0, 3, (32, 3, 8, 8), generator=g) - 1).float()

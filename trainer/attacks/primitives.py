@@ -116,8 +116,9 @@ def true_logit_grad(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) ->
     return input_grad(model, x, lambda z: z.float().gather(1, y[:, None]))
 
 
-def expand_map(smap: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A saliency map as a float tensor of ``x``'s shape (1-channel maps broadcast over C).
+def expand_map(smap: torch.Tensor, x: torch.Tensor, *, keep_dtype: bool = False) -> torch.Tensor:
+    """A saliency map as a tensor of ``x``'s shape (1-channel maps broadcast over C), of
+    ``x``'s dtype, or of its own with ``keep_dtype`` (no conversion pass; an expanded view).
 
     ``smap``: ``(B, C, H, W)`` or ``(B, 1, H, W)`` with values in {-1, 0, +1}, normally int8,
     on ``x``'s device. Raises :class:`MismatchError` when batch or spatial size disagree or
@@ -136,7 +137,8 @@ def expand_map(smap: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             f"saliency map of shape {tuple(smap.shape)} does not fit images of shape "
             f"{tuple(x.shape)}; expected ({b}, {c} or 1, {h}, {w})"
         )
-    return smap.to(device=x.device, dtype=x.dtype).expand(b, c, h, w)
+    dtype = smap.dtype if keep_dtype else x.dtype
+    return smap.to(device=x.device, dtype=dtype).expand(b, c, h, w)
 
 
 # --------------------------------------------------------------------------- primitives
