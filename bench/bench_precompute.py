@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64, help="Teacher sub-batch.")
     ap.add_argument("--chunk-size", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="Repeats of the in-process timings.")
-    ap.add_argument("--dask-repeats", type=int, default=3, help="Repeats per dask cluster size.")
+    ap.add_argument("--dask-repeats", type=int, default=5,
+                    help="Repeats per dask cluster size (the least disturbed run counts).")
     ap.add_argument("--per-image", type=int, default=128, help="Images timed one at a time.")
     ap.add_argument("--no-dask", action="store_true", help="Skip the dask measurements.")
     ap.add_argument("--method-n", type=int, default=128,
