@@ -21,9 +21,15 @@ Measured:
   precompute --workers 1`` does; the whole run's ratio, and its CPU-time ratio, are saved too;
 - ``dask_2w_over_1w_speedup``: the same on a local dask cluster of 1 worker over one of 2
   workers, each worker one torch thread; cluster start-up (and the workers' first imports) is
-  excluded, the client exists before the clock starts and precompute uses it (target >= 1.7).
-  Two single-thread processes on this 2-vCPU VM reach 1.74-1.86x on the bare teacher pass,
-  so the target leaves dask a few percent; runs here gave 1.5-1.9;
+  excluded, the client exists before the clock starts and precompute uses it. What two
+  processes gain on this 2-vCPU VM is the machine's, not the code's: the bare teacher pass
+  in two single-thread processes scaled 1.74-1.86x in 2026-11 and 1.58-1.96x from one run to
+  the next on 2026-12-06, and this figure followed it (1.65-1.95). So the same workers also
+  run ``bare_2w_over_1w_speedup`` after every precompute run: forward + backward passes of
+  their share of the images, nothing else, all workers at once;
+- ``dask_scaling_efficiency``: the first over the second, what dask, the store and the
+  scheduling lose of the machine's own scaling (target >= 0.92; it replaces the absolute
+  target of >= 1.7, which was set as "the 1.74-1.86x of two processes less a few percent");
 - ``smoothgrad16_over_passes_x_raw``, ``ig32_over_passes_x_raw`` (targets <= 1.20), and
   Guided Grad-CAM++ (informative): an in-process precompute of that method on the first
   ``--method-n`` images, over its teacher passes per image (16 noisy copies, 32 path
@@ -56,7 +62,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = {
     "precompute_over_raw_fwd_bwd": ("<=", 1.15),
-    "dask_2w_over_1w_speedup": (">=", 1.7),
+    # dask's 2-worker speed-up over the bare passes' speed-up on the same workers: what dask,
+    # the store and the scheduling lose of what the machine gives (1.7 / 1.74-1.86 when the
+    # target was the absolute speed-up; see the docstring).
+    "dask_scaling_efficiency": (">=", 0.92),
 }
 # Methods that cost several teacher passes per image: (method, its parameters, passes of
 # forward + input-gradient backward per image). Their figure is precompute / (passes x raw).
@@ -126,6 +135,28 @@ def _warm_worker() -> int:
     import trainer.saliency  # noqa: F401
 
     return os.getpid()
+
+
+def _bare_passes(teacher: str, n: int, batch_size: int, image_size: int, seed: int) -> float:
+    """Run on a dask worker: seconds of forward + input-gradient backward passes of the
+    teacher over ``n`` random images in batches, with no store, no dask task and no saliency
+    method. Run on every worker of a cluster at once, it gives what the hardware scales to
+    for this work, measured in the same processes as the precompute beside it."""
+    import torch
+
+    from trainer.checkpoint import load_model
+
+    torch.set_num_threads(1)  # as a map task sets it
+    net, _ = load_model(teacher, "cpu")
+    g = torch.Generator().manual_seed(seed)
+    x_all = torch.rand(n, 3, image_size, image_size, generator=g)
+    logits = net(x_all[:1])
+    y_all = torch.randint(0, logits.shape[1], (n,), generator=g)
+    t0 = time.perf_counter()
+    for s in range(0, n, batch_size):
+        x = x_all[s : s + batch_size].requires_grad_(True)
+        torch.autograd.grad(net(x).gather(1, y_all[s : s + batch_size, None]).sum(), x)
+    return time.perf_counter() - t0
 
 
 def time_methods(args, data, tmp: Path, cfg, run, net) -> dict[str, dict]:
@@ -307,10 +338,18 @@ def main(argv: list[str] | None = None) -> int:
                 with local_cluster(workers) as cluster, Client(cluster) as client:
                     client.run(_warm_worker)
                     precompute(scheduler=cluster.scheduler_address)
-                    runs = [precompute(scheduler=cluster.scheduler_address)
-                            for _ in range(args.dask_repeats)]
+                    bare_args = (str(teacher), n // workers, bs, args.image_size, args.seed)
+                    client.run(_bare_passes, *bare_args)  # untimed: the workers' first passes
+                    runs, bare = [], []
+                    for _ in range(args.dask_repeats):
+                        # Each precompute run is followed by the bare passes on every worker
+                        # at once (the same share of the work each), so both see the same
+                        # machine: on this VM two processes scale anywhere from 1.6x to 2.0x.
+                        runs.append(precompute(scheduler=cluster.scheduler_address))
+                        bare.append(max(client.run(_bare_passes, *bare_args).values()))
                 dask_res[f"{workers}w"] = _stats([r["wall"] for r in runs])
                 dask_res[f"{workers}w_maps"] = _stats([r["maps"] for r in runs])
+                dask_res[f"{workers}w_bare_passes"] = _stats(bare)
 
         results = {
             "precompute_over_raw_fwd_bwd": min(pre_maps) / min(raw_wall),
@@ -325,11 +364,16 @@ def main(argv: list[str] | None = None) -> int:
             if dask_res else None,
             "dask_2w_over_1w_speedup_whole_run": (dask_res["1w"]["min"] / dask_res["2w"]["min"])
             if dask_res else None,
+            "bare_2w_over_1w_speedup": (dask_res["1w_bare_passes"]["min"]
+                                        / dask_res["2w_bare_passes"]["min"]) if dask_res else None,
             "speedup_vs_per_image_online": per_image_total / min(pre_maps),
             "precompute_images_per_s": n / min(pre_maps),
             "raw_fwd_bwd_images_per_s": n / min(raw_wall),
             "per_image_online_images_per_s": k / per_image_wall,
         }
+        results["dask_scaling_efficiency"] = (
+            results["dask_2w_over_1w_speedup"] / results["bare_2w_over_1w_speedup"]
+            if dask_res else None)
         for label, fig in per_method.items():
             results[f"{label}_over_passes_x_raw"] = fig["over_passes_x_raw"]
         n_chunks = -(-n // args.chunk_size)
@@ -396,8 +440,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{results['precompute_over_raw_fwd_bwd_whole_run_cpu']:.3f}")
     if dask_res:
         print(f"  dask 1 worker {dask_res['1w_maps']['min']:.2f}s   2 workers "
-              f"{dask_res['2w_maps']['min']:.2f}s   (whole runs {dask_res['1w']['min']:.2f}s, "
-              f"{dask_res['2w']['min']:.2f}s: {results['dask_2w_over_1w_speedup_whole_run']:.3f})")
+              f"{dask_res['2w_maps']['min']:.2f}s: speed-up {results['dask_2w_over_1w_speedup']:.3f} "
+              f"(whole runs {dask_res['1w']['min']:.2f}s, {dask_res['2w']['min']:.2f}s: "
+              f"{results['dask_2w_over_1w_speedup_whole_run']:.3f}); bare passes on the same "
+              f"workers {results['bare_2w_over_1w_speedup']:.3f}")
     for label, fig in per_method.items():
         key = f"{label}_over_passes_x_raw"
         tgt = out_doc["targets"].get(key)
