@@ -384,8 +384,9 @@ def describe_external(arg: str, *, image_shape=None, methods=(), cam_layer: str 
     for m in methods:
         if m in GUIDED_METHODS and facts["gbp_problem"]:
             raise SatError(f"teacher {arg!r}: {m} needs every activation to be an nn.ReLU module "
-                           f"({facts['gbp_problem']}); guided backprop would pass plain gradients through it. "
-                           "Use gradient, smoothgrad, ig or gradcam++ with this teacher")
+                           f"({facts['gbp_problem']}); guided backprop would pass plain "
+                           "gradients through it. Use gradient, smoothgrad, ig or gradcam++ "
+                           "with this teacher")
         if m in CAM_METHODS and facts["cam_problem"]:
             raise SatError(f"teacher {arg!r}: {m} needs a cam layer ({facts['cam_problem']}); "
                            "name one with --cam-layer or cam_layer in a teacher file")

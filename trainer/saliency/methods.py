@@ -164,7 +164,8 @@ def guided_backprop(
     def keep_cam(_module: nn.Module, _inp: Any, out: torch.Tensor) -> None:
         acts.append(out)
 
-    handles = [m.register_forward_hook(keep_relu) for m in model.modules() if isinstance(m, nn.ReLU)]
+    handles = [m.register_forward_hook(keep_relu)
+               for m in model.modules() if isinstance(m, nn.ReLU)]
     if cam_layer is not None:
         handles.append(cam_layer.register_forward_hook(keep_cam))
     grads: list[torch.Tensor] = []
