@@ -195,8 +195,8 @@ def time_methods(args, data, tmp: Path, cfg, run, net) -> dict[str, dict]:
 
     out: dict[str, dict] = {}
     for label, (method, params, passes) in METHODS.items():
-        # Untimed: the method's first call (its hooks, captum's set-up for IG) on two images, as the
-        # process is warm from the GBP runs above.
+        # Untimed: the method's first call (its hooks, captum's set-up for IG) on two images,
+        # as the process is warm from the GBP runs above.
         raw(), create_method(method, **params).attribute(net, x[:2], y[:2])
         raws, pres = [], []
         for _ in range(args.method_repeats):

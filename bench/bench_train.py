@@ -546,9 +546,9 @@ def main(argv: list[str] | None = None) -> int:
                 pair_wall[label].append(w)
                 pair_cpu[label].append(c)
         if args.pair_rounds:
+            pair = zip(pair_wall["sat"], pair_wall["standard"], strict=True)
             print(f"standard/sat pair, {len(pair_wall['sat'])} rounds: median ratio "
-                  f"{statistics.median(a / b for a, b in zip(pair_wall['sat'], pair_wall['standard'], strict=True)):.3f}",
-                  file=sys.stderr)
+                  f"{statistics.median(a / b for a, b in pair):.3f}", file=sys.stderr)
         loader = measure_loader(runner.streams["maps"], device, args.repeats)
 
         # Expensive maps: cached SAT from that method's map against the teacher computing the
