@@ -7,7 +7,7 @@ reads one 256-sample chunk of images and one of each map per block, so at 32x32 
 not the bytes, held it near 70,000 samples/s; decoding the same chunks here costs a tenth.
 
 What: the arrays this package writes have one fixed layout (:mod:`saliency_cache.layout`,
-:func:`saliency_cache.maps.create_map_arrays`): uint8, chunked along the first axis only,
+:func:`saliency_cache.map_writer.create_map_arrays`): uint8, chunked along the first axis only,
 each chunk ``bytes -> zstd -> crc32c``; map data sharded with the shard index
 (``bytes -> crc32c``) at the end of the file. :meth:`DirectRows.of` checks an array's
 metadata against exactly that layout and returns None for anything else (another codec

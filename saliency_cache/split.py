@@ -1,8 +1,9 @@
 """One dataset split of a store: labels, ids, optional images, and its named maps.
 
 :class:`Split` reads the split's arrays and creates, opens and deletes its maps (the map
-handles are in :mod:`saliency_cache.maps`). Every chunk the split calls written must have its
-file: zarr reads an absent chunk as the fill value, so a lost file would read as zeros.
+handles are in :mod:`saliency_cache.maps` and :mod:`saliency_cache.map_writer`). Every chunk
+the split calls written must have its file: zarr reads an absent chunk as the fill value, so
+a lost file would read as zeros.
 Each array's chunk files are checked once per handle, on its first read (one existence
 check per file, a few stat calls locally, one concurrent round of requests remotely), and
 :meth:`Split.check_files` checks them all up front.
@@ -41,7 +42,8 @@ from saliency_cache.layout import (
 )
 from saliency_cache.location import Location
 from saliency_cache.lock import WriterLock
-from saliency_cache.maps import MapReader, MapWriter, check_resume, create_map_arrays
+from saliency_cache.map_writer import MapWriter, check_resume, create_map_arrays
+from saliency_cache.maps import MapReader
 from saliency_cache.names import (
     Provenance,
     ids_digest,

@@ -59,7 +59,8 @@ from saliency_cache.location import (
     parse_manifest,
 )
 from saliency_cache.lock import LOCK_NAME, WriterLock
-from saliency_cache.maps import MapReader, MapWriter
+from saliency_cache.map_writer import MapWriter
+from saliency_cache.maps import MapReader
 from saliency_cache.names import (
     MODE_SHORT,
     TARGET_RULES,
