@@ -113,8 +113,10 @@ def test_guided_backprop_is_captums_bit_for_bit(model_name, resnet, batch):
     from captum.attr import GuidedBackprop
 
     torch.manual_seed(2)
-    model = {"resnet10": resnet, "resnet34": create_model("resnet34", 5, width=4).eval(),
-             "shared_relu": _SharedRelu().eval(), "relu_head": _ReluHead().eval()}[model_name]
+    model = {"resnet10": lambda: resnet,
+             "resnet34": lambda: create_model("resnet34", 5, width=4).eval(),
+             "shared_relu": lambda: _SharedRelu().eval(),
+             "relu_head": lambda: _ReluHead().eval()}[model_name]()
     x, y = batch
     ours = create_method("gbp").attribute(model, x, y)
     with pytest.warns(UserWarning, match="backward hooks on ReLU"):
